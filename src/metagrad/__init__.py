@@ -1,0 +1,22 @@
+"""metagrad: optimisation-based few-shot meta-learning.
+
+MAML as one small bi-level loop on plain PyTorch modules, and published improvements to it as composable
+plug-ins at named seams.
+
+Example:
+    >>> import metagrad
+    >>> from metagrad import MAML, models
+    >>> bench = metagrad.data.create("sinusoid", "train", shots=10, queries=10, meta_batch_size=25, seed=0)
+    >>> learner = MAML(models.MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
+    >>> out = learner.meta_loss(bench.batch(0)); out.loss.backward()
+"""
+
+from . import data, methods, models
+from .maml import MAML, MetaLossOutput
+from .seams import InnerContext, OuterContext, Plugin
+from .tasks import TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "InnerContext", "MetaLossOutput", "OuterContext", "Plugin", "TaskBatch", "data", "methods",
+           "models", "__version__"]

@@ -1,0 +1,64 @@
+"""Benchmarks: ``metagrad.data.create(name, split, ...)`` builds a seeded stream of :class:`TaskBatch`.
+
+Every benchmark registers itself by name with :func:`register`; :func:`available` lists the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import Benchmark, generator, stream_seed
+
+_REGISTRY: dict[str, Callable[..., Benchmark]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
+    """Class or factory decorator: make a benchmark available to :func:`create` under ``name``."""
+
+    def deco(factory: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
+        if name in _REGISTRY:
+            raise ValueError(f"benchmark {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    """The registered benchmark names, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queries: int = 15,
+           meta_batch_size: int = 32, seed: int = 0, root: str | None = None, **kwargs: Any) -> Benchmark:
+    """Build benchmark ``name`` for ``split``. Same arguments and seed → the same tasks, bit for bit.
+
+    Args:
+        name: a registered benchmark (see :func:`available`).
+        split: "train" | "val" | "test"; the three streams (or class sets) are disjoint.
+        ways, shots, queries: N-way K-shot with Q query samples per class (regression uses shots/queries as
+            point counts and ignores ways).
+        meta_batch_size: tasks per :class:`TaskBatch`.
+        seed: the stream's seed.
+        root: data folder for benchmarks that read files.
+    """
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](split=split, ways=ways, shots=shots, queries=queries,
+                           meta_batch_size=meta_batch_size, seed=seed, root=root, **kwargs)
+
+
+def _load_all() -> None:
+    # Import the benchmark modules lazily so that `import metagrad` stays light; each registers itself.
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name not in ("base",) and not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+__all__ = ["Benchmark", "available", "create", "generator", "register", "stream_seed"]

@@ -1,0 +1,255 @@
+"""MAML: the bi-level loop, with plug-ins at two seams (see :mod:`metagrad.seams`).
+
+References: Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+ICML 2017; Antoniou et al., "How to train your MAML", ICLR 2019 (MAML++ options); Raghu et al., "Rapid
+learning or feature reuse?", ICLR 2020 (ANIL, ``adapt="head"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import functional as fn
+from .inner_lr import InnerLR
+from .losses import LOSSES, per_sample_loss, task_accuracy
+from .seams import InnerContext, OuterContext, Plugin, map_tensors
+from .tasks import TaskBatch
+
+ADAPT = ("all", "no_norm", "head")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class MetaLossOutput:
+    """What :meth:`MAML.meta_loss` and :meth:`MAML.evaluate` return."""
+
+    loss: torch.Tensor                         # query loss (+ multi-step terms) + every plug-in's outer term
+    query_loss: torch.Tensor                   # mean query loss after the last inner step, alone
+    query_accuracy: torch.Tensor | None        # classification only
+    task_losses: torch.Tensor                  # [T] query loss per task
+    task_accuracies: torch.Tensor | None       # [T]
+    sample_losses: torch.Tensor                # [T, N_q] per-sample query losses, detached (diagnostics)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning on a plain module, second or first order, with composable plug-ins.
+
+    Args:
+        model: any ``nn.Module``; its parameters are the meta-initialisation θ.
+        inner_lr: α, the inner step size (initial value when learned).
+        inner_steps: inner steps in meta-training.
+        eval_inner_steps: inner steps in evaluation (None: same as ``inner_steps``).
+        first_order: FOMAML, inner gradients treated as constants.
+        adapt: "all" | "no_norm" (normalisation affine parameters are outer-only) | "head" (ANIL).
+        loss: "cross_entropy" | "mse".
+        plugins: plug-ins from :mod:`metagrad.methods`, hooks applied in this order.
+        learn_inner_lr: "fixed" | "per_step" (MAML++ LSLR) | "per_element" (Meta-SGD).
+        multi_step_loss: MAML++ MSL: the query loss after every inner step, weights annealed to the last one
+            over ``msl_iterations`` meta-iterations.
+        first_order_iterations: MAML++ derivative-order annealing: first order for this many meta-iterations.
+
+    Example:
+        >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
+        >>> opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        >>> out = learner.meta_loss(batch)            # batch: a TaskBatch
+        >>> out.loss.backward(); opt.step()
+        >>> fast = learner.adapt(support_x, support_y); pred = learner.predict(fast, query_x)
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
+                 eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
+                 loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
+                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0) -> None:
+        super().__init__()
+        if adapt not in ADAPT:
+            raise ValueError(f"unknown adapt mode {adapt!r}: use one of {', '.join(ADAPT)}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+        if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 0):
+            raise ValueError("inner_steps must be >= 1 and eval_inner_steps >= 0")
+        self.model = model
+        self.inner_steps = int(inner_steps)
+        self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
+        self.first_order, self.adapt_mode, self.loss_kind = bool(first_order), adapt, loss
+        self.multi_step_loss, self.msl_iterations = bool(multi_step_loss), int(msl_iterations)
+        self.first_order_iterations = int(first_order_iterations)
+        self.adapted = self._select_adapted(adapt)
+        params = fn.meta_params(model)
+        self.inner_lr = InnerLR(list(self.adapted), [params[n].shape for n in self.adapted], inner_lr,
+                                learn_inner_lr, max(self.inner_steps, self.eval_inner_steps))
+        self.plugins = nn.ModuleList(plugins)
+        for p in self.plugins:
+            if not isinstance(p, Plugin):
+                raise TypeError(f"plugins must be metagrad.seams.Plugin instances, got {type(p).__name__}")
+            if p.needs_features and not fn.supports_features(model):
+                raise ValueError(f"plug-in {p.name!r} needs features, but {type(model).__name__}.forward has no "
+                                 "return_features argument: add forward(x, return_features=False) → (out, feats)")
+            p.attach(self)
+        self.needs_features = any(p.needs_features for p in self.plugins)
+
+    # -- parameters --------------------------------------------------------------------------------------------
+    def _select_adapted(self, adapt: str) -> tuple[str, ...]:
+        names = list(fn.meta_params(self.model))
+        if adapt == "all":
+            return tuple(names)
+        if adapt == "no_norm":
+            skip = {f"{m}.{p}" if m else p for m, mod in self.model.named_modules() if isinstance(mod, _NORM_TYPES)
+                    for p, _ in mod.named_parameters(recurse=False)}
+            return tuple(n for n in names if n not in skip)
+        linears = [m for m, mod in self.model.named_modules() if isinstance(mod, nn.Linear)]
+        if not linears:
+            raise ValueError(f"adapt='head' needs an nn.Linear head; {type(self.model).__name__} has none")
+        head = linears[-1]
+        return tuple(n for n in names if n.rsplit(".", 1)[0] == head)
+
+    def meta_params(self) -> fn.Params:
+        """θ by name (the model's parameters)."""
+        return fn.meta_params(self.model)
+
+    def forward_batched(self, params: fn.Params, x: torch.Tensor, return_features: bool = False):
+        """The model with task-batched parameters ``[T, *shape]`` on task-batched inputs ``[T, N, ...]``."""
+        return fn.forward_batched(self.model, params, x, return_features)
+
+    def loss_of(self, output: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        """``[T]`` mean loss per task (``[T, N]`` with ``per_sample``)."""
+        losses = per_sample_loss(self.loss_kind, output, target)
+        return losses if per_sample else losses.mean(dim=1)
+
+    # -- the inner loop ----------------------------------------------------------------------------------------
+    def _inner_loop(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, create_graph: bool,
+                    keep_graph: bool, query: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Adapt T tasks at once. Returns (fast params ``[T, *shape]``, per-step query losses, diagnostics).
+
+        ``keep_graph=False`` (evaluation) detaches after every step so no graph survives a step.
+        ``query`` given: the query loss after every step is also returned (multi-step loss).
+        """
+        T = support_x.shape[0]
+        theta = self.meta_params()
+        if not keep_graph:
+            theta = {n: p.detach() for n, p in theta.items()}
+        fast = fn.expand_tasks(theta, T)
+        ctx = InnerContext(self, support_x, support_y, self.adapted, create_graph)
+        states = [p.init_task(ctx) for p in self.plugins]
+        step_losses = []
+        for step in range(steps):
+            ctx.step = step
+            # State tensors become differentiable leaves so a plug-in may ask for their gradient (as `extras`).
+            states = map_tensors(_needs_grad, states)
+            params, extras = dict(fast), []
+            for p, state in zip(self.plugins, states):
+                params, ex = p.prepare(params, state, ctx)
+                extras.append(ex)
+            for n in self.adapted:
+                params[n] = _needs_grad(params[n])
+            support_loss = self.loss_of(self.forward_batched(params, support_x), support_y)
+            inputs = [params[n] for n in self.adapted] + [v for ex in extras for v in ex.values()]
+            grads_all = torch.autograd.grad(support_loss.sum(), inputs, create_graph=create_graph)
+            grads = dict(zip(self.adapted, grads_all))
+            if step == 0:
+                ctx.log("support_loss", support_loss.mean())
+                ctx.log("inner_grad_norm", {n: g.flatten(1).norm(dim=1).mean() for n, g in grads.items()})
+            rest = iter(grads_all[len(self.adapted):])
+            extra_grads = [{k: next(rest) for k in ex} for ex in extras]
+            for p, state in zip(self.plugins, states):
+                grads = p.transform(grads, params, state, ctx)
+            states = [p.update(s, eg, ctx) for p, s, eg in zip(self.plugins, states, extra_grads)]
+            fast = dict(fast)
+            for n in self.adapted:
+                fast[n] = params[n] - self.inner_lr(n, step) * grads[n]
+            if not keep_graph:
+                fast = {n: v.detach() for n, v in fast.items()}
+                states = map_tensors(lambda t: t.detach(), states)
+            if query is not None:
+                step_losses.append(self.loss_of(self.forward_batched(fast, query[0]), query[1]))
+        return fast, step_losses, ctx.diagnostics
+
+    def _msl_weights(self, steps: int, iteration: int | None) -> torch.Tensor | None:
+        """MAML++ multi-step loss weights, annealed from uniform to the last step; None once annealed."""
+        if not self.multi_step_loss or iteration is None or iteration >= self.msl_iterations or steps < 2:
+            return None
+        progress = iteration / max(1, self.msl_iterations)
+        low = 0.03 / steps
+        w = torch.full((steps,), (1.0 / steps) * (1 - progress) + low * progress)
+        w[-1] = 1.0 - w[:-1].sum()
+        return w
+
+    # -- public API --------------------------------------------------------------------------------------------
+    def meta_loss(self, batch: TaskBatch, iteration: int | None = None) -> MetaLossOutput:
+        """The differentiable meta-objective of a meta-batch (training mode).
+
+        ``iteration`` drives the MAML++ schedules (multi-step loss weights, derivative-order annealing).
+        """
+        first_order = self.first_order or (iteration is not None and iteration < self.first_order_iterations)
+        msl = self._msl_weights(self.inner_steps, iteration)
+        query = (batch.query_x, batch.query_y) if msl is not None else None
+        fast, step_losses, diag = self._inner_loop(batch.support_x, batch.support_y, self.inner_steps,
+                                                   create_graph=not first_order, keep_graph=True, query=query)
+        return self._outer(batch, fast, diag, create_graph=not first_order, step_losses=step_losses, msl=msl)
+
+    def _outer(self, batch: TaskBatch, fast: fn.Params, diag: dict, create_graph: bool,
+               step_losses: list[torch.Tensor] | None = None, msl: torch.Tensor | None = None,
+               outer_terms: bool = True) -> MetaLossOutput:
+        out = self.forward_batched(fast, batch.query_x, self.needs_features)
+        out, feats = out if self.needs_features else (out, None)
+        samples = self.loss_of(out, batch.query_y, per_sample=True)
+        task_losses = samples.mean(dim=1)
+        query_loss = task_losses.mean()
+        loss = query_loss
+        if msl is not None and step_losses:
+            loss = sum(w * sl.mean() for w, sl in zip(msl.to(query_loss), step_losses))
+        if outer_terms:
+            octx = OuterContext(self, batch, self.meta_params(), fast, out, feats, task_losses, create_graph, diag)
+            for p in self.plugins:
+                term = p.outer_term(octx)
+                if term is not None:
+                    loss = loss + term
+        acc = task_accuracy(out, batch.query_y) if batch.is_classification else None
+        return MetaLossOutput(loss, query_loss, None if acc is None else acc.mean(), task_losses, acc,
+                              samples.detach(), diag)
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None, outer_terms: bool = False) -> MetaLossOutput:
+        """Adapt and score without a second-order graph; returns the same fields as :meth:`meta_loss`, detached.
+
+        ``inner_steps`` overrides ``eval_inner_steps`` (e.g. 0, 1 and 10 steps in the regression protocol).
+        """
+        steps = self.eval_inner_steps if inner_steps is None else int(inner_steps)
+        with torch.enable_grad():
+            fast, _, diag = self._inner_loop(batch.support_x, batch.support_y, steps, create_graph=False,
+                                             keep_graph=False)
+        with torch.no_grad():
+            out = self._outer(batch, fast, diag, create_graph=False, outer_terms=outer_terms)
+        return MetaLossOutput(*(map_tensors(lambda t: t.detach(), getattr(out, f)) for f in
+                                ("loss", "query_loss", "query_accuracy", "task_losses", "task_accuracies",
+                                 "sample_losses", "diagnostics")))
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, inner_steps: int | None = None,
+              create_graph: bool | None = None) -> fn.Params:
+        """Adapt to one task (no task dimension); returns the adapted parameters by name.
+
+        ``create_graph`` defaults to second order in training mode (unless first order) and no graph in eval mode.
+        """
+        if create_graph is None:
+            create_graph = self.training and not self.first_order and torch.is_grad_enabled()
+        steps = (self.inner_steps if self.training else self.eval_inner_steps) if inner_steps is None else inner_steps
+        with torch.enable_grad():
+            fast, _, _ = self._inner_loop(support_x.unsqueeze(0), support_y.unsqueeze(0), steps,
+                                          create_graph=create_graph, keep_graph=create_graph)
+        return fn.task_slice(fast, 0)
+
+    def predict(self, fast: fn.Params, query_x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``query_x`` with adapted parameters ``fast`` (from :meth:`adapt`)."""
+        return fn.forward_single(self.model, fast, query_x)
+
+    def forward(self, batch: TaskBatch, iteration: int | None = None) -> MetaLossOutput:
+        return self.meta_loss(batch, iteration)
+
+
+def _needs_grad(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is part of a graph (or not floating point), else a fresh leaf that requires grad."""
+    return t if t.requires_grad or not t.is_floating_point() else t.detach().requires_grad_()

@@ -1,0 +1,60 @@
+"""Plug-ins from the papers, built by registry key: ``create("meta_gna")``, ``available()``.
+
+Each method lives in one file of this package and registers itself with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from ..seams import Plugin
+
+_REGISTRY: dict[str, Callable[..., Plugin]] = {}
+
+
+def register(name: str) -> Callable[[type[Plugin]], type[Plugin]]:
+    """Class decorator: make a plug-in available to :func:`create` under ``name``."""
+
+    def deco(cls: type[Plugin]) -> type[Plugin]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"plug-in {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def available() -> list[str]:
+    """Registered plug-in keys, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs: Any) -> Plugin:
+    """Build the plug-in registered as ``name`` with keyword arguments."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown plug-in {name!r}: choose one of {', '.join(sorted(_REGISTRY)) or '(none)'}")
+    return _REGISTRY[name](**kwargs)
+
+
+def __getattr__(attr: str) -> Any:
+    # `from metagrad.methods import MetaGNA` works without importing every method at package import.
+    _load_all()
+    for cls in _REGISTRY.values():
+        if cls.__name__ == attr:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["Plugin", "available", "create", "register"]

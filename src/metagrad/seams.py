@@ -1,0 +1,133 @@
+"""The two seams of the MAML loop and the plug-in protocol.
+
+A plug-in is an ``nn.Module`` that overrides any of these hooks (all default to the identity, so a plug-in
+that overrides nothing leaves MAML unchanged):
+
+Seam 1, the inner update rule, called for every inner step of every task (task-batched: each tensor has a
+leading task dimension T)::
+
+    state           = init_task(ctx)                          # per-task state, e.g. CxGrad's context vector
+    params, extras  = prepare(params, state, ctx)             # the parameters the support loss is taken at
+    grads           = transform(grads, params, state, ctx)    # reshape the gradient, e.g. Meta-GNA
+    state           = update(state, extra_grads, ctx)         # step the state with the gradient of `extras`
+
+    the core then steps   θ_l ← params_l − α_l · grads_l      (α fixed, or learned per step / per element)
+
+Seam 2, outer terms: ``outer_term(ctx)`` returns a scalar added to the meta-loss (or None).
+
+Composition rule (several plug-ins in one learner): hooks run in the order the plug-ins were given. ``prepare``
+calls chain (each sees the previous one's parameters), ``transform`` calls chain on the gradient taken at the
+final prepared parameters, every ``update`` sees the gradient of its own extras, and outer terms add up. So
+Meta-GNA after CxGrad normalises the gradient taken at CxGrad's rescaled weights Ŵ and its Arbiter reads their
+norms. Plug-ins keep per-task state in the values they return, never in attributes set during the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .functional import Params
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .maml import MAML
+    from .tasks import TaskBatch
+
+
+@dataclass
+class InnerContext:
+    """What an inner-rule hook may look at for one meta-batch of T tasks."""
+
+    learner: "MAML"
+    support_x: torch.Tensor          # [T, N_s, *x_shape]
+    support_y: torch.Tensor          # [T, N_s] or [T, N_s, out]
+    adapted: tuple[str, ...]         # names of the tensors the inner loop updates, in parameter order
+    create_graph: bool               # second order: keep the graph of inner gradients
+    step: int = 0                    # current inner step
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def forward(self, params: Params, x: torch.Tensor | None = None, return_features: bool = False):
+        """The model on ``x`` (default: the support inputs) with task-batched ``params``."""
+        return self.learner.forward_batched(params, self.support_x if x is None else x, return_features)
+
+    def support_losses(self, params: Params, per_sample: bool = False) -> torch.Tensor:
+        """Support loss per task ``[T]`` (or per sample ``[T, N_s]``) at ``params``."""
+        return self.learner.loss_of(self.forward(params), self.support_y, per_sample)
+
+    def log(self, name: str, value: Any) -> None:
+        """Record a diagnostic (tensors are stored detached) for this meta-batch."""
+        self.diagnostics[name] = map_tensors(torch.Tensor.detach, value)
+
+
+@dataclass
+class OuterContext:
+    """What an outer-term hook receives: the meta-batch after adaptation."""
+
+    learner: "MAML"
+    batch: "TaskBatch"
+    meta_params: Params              # θ, un-batched
+    fast_params: Params              # θ' per task, [T, *shape] (every parameter, adapted or not)
+    query_output: torch.Tensor       # [T, N_q, out]
+    query_features: torch.Tensor | None  # [T, N_q, d] when a plug-in asked for features
+    query_losses: torch.Tensor       # [T]
+    create_graph: bool
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, params: Params, x: torch.Tensor, return_features: bool = False):
+        """The model with task-batched ``params`` on task-batched ``x``."""
+        return self.learner.forward_batched(params, x, return_features)
+
+    def log(self, name: str, value: Any) -> None:
+        """Record a diagnostic (tensors are stored detached) for this meta-batch."""
+        self.diagnostics[name] = map_tensors(torch.Tensor.detach, value)
+
+
+class Plugin(nn.Module):
+    """Base class of every plug-in; every hook defaults to the identity (plain MAML).
+
+    Subclasses set ``needs_features = True`` when ``outer_term`` reads query features, and
+    ``inner_rule = True`` when they override a Seam-1 hook (used to check combinations).
+    """
+
+    needs_features: bool = False
+    inner_rule: bool = False
+    name: str = "plugin"
+
+    def attach(self, learner: "MAML") -> None:
+        """Called once by the learner: validate the model and build learnable parts sized to it."""
+
+    # Seam 1 ------------------------------------------------------------------------------------------------
+    def init_task(self, ctx: InnerContext) -> Any:
+        return None
+
+    def prepare(self, params: Params, state: Any, ctx: InnerContext) -> tuple[Params, dict[str, torch.Tensor]]:
+        return params, {}
+
+    def transform(self, grads: Params, params: Params, state: Any, ctx: InnerContext) -> Params:
+        return grads
+
+    def update(self, state: Any, extra_grads: dict[str, torch.Tensor], ctx: InnerContext) -> Any:
+        return state
+
+    # Seam 2 ------------------------------------------------------------------------------------------------
+    def outer_term(self, ctx: OuterContext) -> torch.Tensor | None:
+        return None
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nested structure of dicts, lists and tuples (plug-in states)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(fn, v) for v in tree)
+    return tree

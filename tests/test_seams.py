@@ -1,0 +1,213 @@
+"""The plug-in seams, with small test-only plug-ins: identity defaults, composition, state, outer terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metagrad import MAML, Plugin
+from metagrad.models import MLP
+from tests.test_maml import assert_close_rel, learner_meta_grad, reference_meta_grad, regression_batch
+
+
+class Neutral(Plugin):
+    """Overrides every hook with the identity: must be plain MAML."""
+
+    inner_rule = True
+
+    def init_task(self, ctx):
+        return {"seen": torch.zeros(ctx.num_tasks, dtype=torch.float64)}
+
+    def prepare(self, params, state, ctx):
+        return dict(params), {}
+
+    def transform(self, grads, params, state, ctx):
+        return dict(grads)
+
+    def update(self, state, extra_grads, ctx):
+        return state
+
+    def outer_term(self, ctx):
+        return None
+
+
+class ScaleGrad(Plugin):
+    """Multiplies the inner gradient by a constant: equivalent to scaling α."""
+
+    inner_rule = True
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def transform(self, grads, params, state, ctx):
+        return {n: self.factor * g for n, g in grads.items()}
+
+
+class ScaledHead(Plugin):
+    """A per-task scalar state c (reset to 0) scales the output layer: W ← (1 + c)·W before the step, and c
+    takes its own gradient step, like CxGrad's context. c = 0 at the start, so the first step is plain."""
+
+    inner_rule = True
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lr = lr
+
+    def init_task(self, ctx):
+        return torch.zeros(ctx.num_tasks, dtype=ctx.support_x.dtype)
+
+    def prepare(self, params, state, ctx):
+        name = ctx.adapted[-2]  # the last weight
+        params = dict(params)
+        params[name] = (1 + state).view(-1, 1, 1) * params[name]
+        return params, {"c": state}
+
+    def update(self, state, extra_grads, ctx):
+        return state - self.lr * extra_grads["c"]
+
+
+class L2Outer(Plugin):
+    """An outer term: λ·mean over tasks of ||θ'||², reading the adapted parameters."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def outer_term(self, ctx):
+        sq = sum(p.flatten(1).pow(2).sum(1) for p in ctx.fast_params.values())
+        return self.weight * self.scale * sq.mean()
+
+
+def model64():
+    torch.manual_seed(0)
+    return MLP(1, (8, 8), 1).double()
+
+
+def test_neutral_plugin_is_plain_maml():
+    batch = regression_batch()
+    model = model64()
+    base_loss, base = learner_meta_grad(MAML(model, inner_lr=0.05, inner_steps=2, loss="mse"), batch)
+    loss, grads = learner_meta_grad(MAML(model, inner_lr=0.05, inner_steps=2, loss="mse",
+                                         plugins=[Neutral(), Neutral()]), batch)
+    assert torch.equal(loss, base_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, base))
+
+
+def test_transforms_compose_in_order():
+    batch = regression_batch()
+    model = model64()
+    _, ref = reference_meta_grad(model, batch, 0.05 * 6, 2, False, nn.functional.mse_loss)
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", plugins=[ScaleGrad(2.0), ScaleGrad(3.0)])
+    _, grads = learner_meta_grad(learner, batch)
+    assert_close_rel(grads, ref)
+
+
+def test_state_with_extras_matches_hand_written_loop():
+    batch = regression_batch()
+    model = model64()
+    lr, c_lr, steps = 0.05, 0.3, 3
+    learner = MAML(model, inner_lr=lr, inner_steps=steps, loss="mse", plugins=[ScaledHead(c_lr)])
+    loss, grads = learner_meta_grad(learner, batch)
+    theta = dict(model.named_parameters())
+    total = 0
+    for t in range(len(batch)):
+        fast, c = dict(theta), torch.zeros((), dtype=torch.float64, requires_grad=True)
+        for _ in range(steps):
+            c = c if c.requires_grad else c.requires_grad_()
+            w = (1 + c) * fast["layers.2.weight"]
+            p = {**fast, "layers.2.weight": w}
+            names = list(theta)
+            sl = nn.functional.mse_loss(functional_call(model, p, (batch.support_x[t],)), batch.support_y[t])
+            gs = torch.autograd.grad(sl, [p[n] for n in names] + [c], create_graph=True)
+            fast = {n: p[n] - lr * g for n, g in zip(names, gs)}
+            c = c - c_lr * gs[-1]
+        total = total + nn.functional.mse_loss(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
+    total = total / len(batch)
+    ref = torch.autograd.grad(total, list(theta.values()))
+    assert torch.allclose(loss, total, rtol=1e-10)
+    assert_close_rel(grads, ref)
+
+
+def test_outer_term_is_added_and_trained():
+    batch = regression_batch()
+    model = model64()
+    plain = MAML(model, inner_lr=0.05, loss="mse").meta_loss(batch)
+    plug = L2Outer(0.01)
+    out = MAML(model, inner_lr=0.05, loss="mse", plugins=[plug]).meta_loss(batch)
+    assert torch.allclose(out.query_loss, plain.query_loss)
+    assert out.loss.item() > plain.loss.item()
+    out.loss.backward()
+    assert plug.scale.grad is not None and torch.isfinite(plug.scale.grad)
+
+
+def test_plugin_parameters_are_learner_parameters_and_state_dict():
+    plug = L2Outer(0.1)
+    learner = MAML(model64(), loss="mse", plugins=[plug])
+    ids = {id(p) for p in learner.parameters()}
+    assert id(plug.scale) in ids
+    assert any(k.startswith("plugins.0.") for k in learner.state_dict())
+
+
+def test_features_required_but_missing():
+    class NeedsFeatures(Plugin):
+        needs_features = True
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="return_features"):
+        MAML(Plain(), loss="mse", plugins=[NeedsFeatures()])
+
+
+def test_non_plugin_is_refused():
+    with pytest.raises(TypeError, match="Plugin"):
+        MAML(MLP(), plugins=[nn.Linear(1, 1)])
+
+
+@pytest.mark.parametrize("mode", ["per_step", "per_element"])
+def test_learned_inner_rates_start_at_plain_maml_and_learn(mode):
+    batch = regression_batch()
+    model = model64()
+    base_loss, base = learner_meta_grad(MAML(model, inner_lr=0.05, inner_steps=2, loss="mse"), batch)
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr=mode).double()
+    out = learner.meta_loss(batch)
+    grads = torch.autograd.grad(out.loss, list(learner.parameters()))
+    n = len(base)
+    # The learned rates are created in float32 (α = 0.05 is not exact there), hence 1e-6, not 1e-10.
+    assert torch.allclose(out.loss, base_loss, rtol=1e-6)
+    assert_close_rel(grads[:n], base, 1e-6)
+    rate_grads = grads[n:]
+    assert len(rate_grads) == len(learner.adapted)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in rate_grads)
+
+
+def test_multi_step_loss_weights():
+    learner = MAML(model64(), inner_steps=4, loss="mse", multi_step_loss=True, msl_iterations=100)
+    w0 = learner._msl_weights(4, 0)
+    assert torch.allclose(w0, torch.full((4,), 0.25, dtype=w0.dtype))
+    w = learner._msl_weights(4, 50)
+    assert abs(w.sum().item() - 1) < 1e-6 and w[-1] > w[0]
+    assert learner._msl_weights(4, 100) is None
+    batch = regression_batch()
+    out = learner.meta_loss(batch, iteration=0)
+    assert out.loss.item() != pytest.approx(out.query_loss.item())
+
+
+def test_first_order_annealing():
+    batch = regression_batch()
+    model = model64()
+    _, fo = learner_meta_grad(MAML(model, inner_lr=0.1, loss="mse", first_order=True), batch)
+    learner = MAML(model, inner_lr=0.1, loss="mse", first_order_iterations=10)
+    g_early = torch.autograd.grad(learner.meta_loss(batch, iteration=3).loss, list(model.parameters()))
+    g_late = torch.autograd.grad(learner.meta_loss(batch, iteration=10).loss, list(model.parameters()))
+    assert all(torch.allclose(a, b) for a, b in zip(g_early, fo))
+    assert not all(torch.allclose(a, b) for a, b in zip(g_late, fo))
