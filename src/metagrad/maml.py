@@ -87,10 +87,10 @@ class MAML(nn.Module):
         for p in self.plugins:
             if not isinstance(p, Plugin):
                 raise TypeError(f"plugins must be metagrad.seams.Plugin instances, got {type(p).__name__}")
+            p.attach(self)  # may decide `needs_features` from the model, so check after it
             if p.needs_features and not fn.supports_features(model):
                 raise ValueError(f"plug-in {p.name!r} needs features, but {type(model).__name__}.forward has no "
                                  "return_features argument: add forward(x, return_features=False) → (out, feats)")
-            p.attach(self)
         self.needs_features = any(p.needs_features for p in self.plugins)
 
     # -- parameters --------------------------------------------------------------------------------------------
@@ -149,15 +149,20 @@ class MAML(nn.Module):
                 params[n] = _needs_grad(params[n])
             support_loss = self.loss_of(self.forward_batched(params, support_x), support_y)
             inputs = [params[n] for n in self.adapted] + [v for ex in extras for v in ex.values()]
-            grads_all = torch.autograd.grad(support_loss.sum(), inputs, create_graph=create_graph)
+            # First order frees the support graph, except where an extra's gradient runs through nodes the
+            # query still needs (e.g. CxGrad's context reaches θ through its rescaled weights).
+            retain = create_graph or (keep_graph and len(inputs) > len(self.adapted))
+            grads_all = torch.autograd.grad(support_loss.sum(), inputs, create_graph=create_graph,
+                                            retain_graph=retain, allow_unused=True, materialize_grads=True)
             grads = dict(zip(self.adapted, grads_all))
             if step == 0:
                 ctx.log("support_loss", support_loss.mean())
                 ctx.log("inner_grad_norm", {n: g.flatten(1).norm(dim=1).mean() for n, g in grads.items()})
             rest = iter(grads_all[len(self.adapted):])
             extra_grads = [{k: next(rest) for k in ex} for ex in extras]
-            for p, state in zip(self.plugins, states):
-                grads = p.transform(grads, params, state, ctx)
+            for i, p in enumerate(self.plugins):
+                res = p.transform(grads, params, states[i], ctx)
+                grads, states[i] = res if isinstance(res, tuple) else (res, states[i])
             states = [p.update(s, eg, ctx) for p, s, eg in zip(self.plugins, states, extra_grads)]
             fast = dict(fast)
             for n in self.adapted:

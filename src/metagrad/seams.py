@@ -9,6 +9,7 @@ leading task dimension T)::
     state           = init_task(ctx)                          # per-task state, e.g. CxGrad's context vector
     params, extras  = prepare(params, state, ctx)             # the parameters the support loss is taken at
     grads           = transform(grads, params, state, ctx)    # reshape the gradient, e.g. Meta-GNA
+                                                              # (or return (grads, state) to advance state)
     state           = update(state, extra_grads, ctx)         # step the state with the gradient of `extras`
 
     the core then steps   θ_l ← params_l − α_l · grads_l      (α fixed, or learned per step / per element)
@@ -69,7 +70,11 @@ class InnerContext:
 
 @dataclass
 class OuterContext:
-    """What an outer-term hook receives: the meta-batch after adaptation."""
+    """What an outer-term hook receives: the meta-batch after adaptation.
+
+    In :meth:`MAML.evaluate` outer terms run under ``torch.no_grad()``: a hook that needs autograd inside
+    (e.g. a gradient as meta-data) wraps that part in ``torch.enable_grad()``.
+    """
 
     learner: "MAML"
     batch: "TaskBatch"
@@ -111,7 +116,9 @@ class Plugin(nn.Module):
     def prepare(self, params: Params, state: Any, ctx: InnerContext) -> tuple[Params, dict[str, torch.Tensor]]:
         return params, {}
 
-    def transform(self, grads: Params, params: Params, state: Any, ctx: InnerContext) -> Params:
+    def transform(self, grads: Params, params: Params, state: Any,
+                  ctx: InnerContext) -> Params | tuple[Params, Any]:
+        """The gradient the step uses; may return ``(grads, new_state)`` to also advance the state."""
         return grads
 
     def update(self, state: Any, extra_grads: dict[str, torch.Tensor], ctx: InnerContext) -> Any:

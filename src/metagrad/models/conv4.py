@@ -19,8 +19,12 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(width, eps=BN_EPS, affine=True, track_running_stats=False)
         self.pool = pool
 
+    def pre_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's activation before its pooling."""
+        return torch.relu(self.bn(self.conv(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv(x)))
+        x = self.pre_pool(x)
         return F.max_pool2d(x, 2) if self.pool == "max" else x
 
 
@@ -29,6 +33,9 @@ class Conv4(nn.Module):
 
     ``named_parameters()`` order: per block ``conv.weight, [conv.bias], bn.weight, bn.bias``; then
     ``head.weight, head.bias``.
+
+    ``forward(x, return_features="map")`` returns ``(output, map)``, ``map`` the last block's activation before
+    its pooling, ``[N, *self.map_shape]`` (CML's conv co-learner reads it).
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for the ImageNet-style sets).
@@ -60,12 +67,26 @@ class Conv4(nn.Module):
         if s < 1:
             raise ValueError(f"Conv4: image_size {image_size} is too small for four 2× poolings")
         self.feature_dim = width * s * s
+        # Shape of the last block's map before its pooling, for forward(x, return_features="map") (CML's conv head).
+        pre = image_size // 8 if pool == "max" else image_size
+        self.map_shape = (width, pre, pre)
         self.head = nn.Linear(self.feature_dim, ways)
         self.width, self.pool, self.has_bias = width, pool, bias
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool | str = False):
+        if return_features == "map":
+            return self._forward_map(x)
         for block in self.blocks:
             x = block(x)
         feats = x.flatten(1)
         out = self.head(feats)
         return (out, feats) if return_features else out
+
+    def _forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, map)``: map is the last block's activation before its pooling, ``[N, *map_shape]``."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        fmap = last.pre_pool(x)
+        x = F.max_pool2d(fmap, 2) if last.pool == "max" else fmap
+        return self.head(x.flatten(1)), fmap

@@ -1,0 +1,126 @@
+"""CML: a co-learner trained only in the outer loop augments the meta-gradient (an outer-term plug-in).
+
+Reference: Shin, Han, Kim, "Cooperative Meta-Learning with Gradient Augmentation", UAI 2024, arXiv 2406.04639;
+official code https://github.com/JJongyn/CML (``maml/model_cml.py``, ``train_cml.py``), which this follows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import functional as fn
+from ..losses import task_accuracy
+from ..seams import OuterContext, Plugin
+from . import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..maml import MAML
+
+HEADS = ("mlp", "conv")
+
+
+def _conv_bn_relu(width: int) -> list[nn.Module]:
+    # No conv bias: batch-statistics BN right after it cancels a bias exactly (its gradient would be 0).
+    return [nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width, affine=True, track_running_stats=False), nn.ReLU()]
+
+
+@register("cml")
+class CML(Plugin):
+    """Cooperative meta-learning: a co-learner φ scores the query set from the *adapted* model's features.
+
+    ``loss = mean_i ℓ_i + λ · mean_i L(φ(feats_i), y_Q,i)`` where ``feats_i`` are task i's query features at
+    its adapted parameters θ_i'. φ never takes part in the inner loop (no inner-rule hook), so adaptation and
+    predictions are those of the base learner; its loss reaches θ through θ_i' (and through the inner update
+    in second order), which is the "gradient augmentation". φ is trained by the same outer optimiser (it is a
+    submodule of the learner) and is unused at evaluation.
+
+    Heads:
+
+    * ``"mlp"`` (default): Linear(d, d) → ReLU → Linear(d, out), on the input of the model's last Linear
+      (``return_features=True``); d and out are that Linear's in/out features. Applied task-batched.
+    * ``"conv"``: the official 84×84 design, conv3×3 → BN → ReLU → conv3×3 → BN → ReLU → MaxPool2 → flatten →
+      Linear, on the last block's map before its pooling. Needs a model that exposes it: ``map_shape`` and
+      ``forward(x, return_features="map") → (out, map)`` (:class:`~metagrad.models.Conv4`). The map costs one
+      extra query forward per task (a per-task functional call: the core's task-batched forward returns flat
+      features only). BN uses the statistics of each task's query set, as the library's models do; the convs
+      have no bias (the official code has one, but batch-statistics BN cancels it).
+
+    What the spec leaves open and the reading taken: regression uses MSE (the learner's loss), out = output
+    dim; λ = 0 skips the term, which gives plain MAML's loss and gradients exactly. Diagnostics per meta-batch:
+    ``cml.loss`` and, for classification, ``cml.accuracy`` (the co-learner's query accuracy).
+
+    Args:
+        weight: λ, the co-learner loss scale (official ``--loss-scaling``, default 1.0).
+        head: "mlp" | "conv".
+
+    Example:
+        >>> from metagrad import MAML, methods
+        >>> from metagrad.models import Conv4
+        >>> learner = MAML(Conv4(1, ways=5), inner_lr=0.5, plugins=[methods.create("cml", head="conv")])
+        >>> out = learner.meta_loss(batch)                    # batch: a TaskBatch
+        >>> out.loss.backward(); out.diagnostics["cml.accuracy"]
+    """
+
+    needs_features = True
+
+    def __init__(self, weight: float = 1.0, head: str = "mlp") -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown CML head {head!r}: use one of {', '.join(HEADS)}")
+        if weight < 0:
+            raise ValueError(f"CML weight must be >= 0, got {weight}")
+        self.weight, self.head = float(weight), head
+        # The conv head reads the feature map through its own forward, not the core's flat features.
+        self.needs_features = head == "mlp"
+        self.co_learner: nn.Module | None = None   # built at attach: its sizes depend on the model
+
+    def attach(self, learner: MAML) -> None:
+        model = learner.model
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"CML needs a model whose output layer is an nn.Linear; {type(model).__name__} has none")
+        lin = linears[-1]
+        if self.head == "mlp":
+            d = lin.in_features
+            co = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, lin.out_features))
+        else:
+            shape = getattr(model, "map_shape", None)
+            if shape is None or not fn.supports_features(model):
+                raise ValueError(f"CML head='conv' needs a model exposing its last feature map (map_shape and "
+                                 f"forward(x, return_features='map')), e.g. Conv4; {type(model).__name__} has none")
+            width, h, w = shape
+            if h < 2 or w < 2:
+                raise ValueError(f"CML head='conv' pools the {h}×{w} feature map by 2: use larger images")
+            co = nn.Sequential(*_conv_bn_relu(width), *_conv_bn_relu(width), nn.MaxPool2d(2), nn.Flatten(),
+                               nn.Linear(width * (h // 2) * (w // 2), lin.out_features))
+        self.co_learner = co.to(dtype=lin.weight.dtype, device=lin.weight.device)
+
+    def outer_term(self, ctx: OuterContext) -> torch.Tensor | None:
+        if self.weight == 0:
+            return None   # neutral: plain MAML's loss and gradients, bit for bit
+        assert self.co_learner is not None, "CML is used before a learner attached it"
+        logits = self._co_logits(ctx)
+        y = ctx.batch.query_y
+        losses = ctx.learner.loss_of(logits, y)
+        ctx.log("cml.loss", losses.mean())
+        if ctx.batch.is_classification:
+            ctx.log("cml.accuracy", task_accuracy(logits, y).mean())
+        return self.weight * losses.mean()
+
+    def _co_logits(self, ctx: OuterContext) -> torch.Tensor:
+        """φ on every task's adapted query features (or maps): ``[T, N_q, out]``."""
+        assert self.co_learner is not None
+        if self.head == "mlp":
+            assert ctx.query_features is not None
+            return self.co_learner(ctx.query_features)   # Linear layers act on the last dim: task-batched
+        model, qx = ctx.learner.model, ctx.batch.query_x
+        out = []
+        for t in range(qx.shape[0]):
+            _, fmap = functional_call(model, fn.task_slice(ctx.fast_params, t), (qx[t],), {"return_features": "map"})
+            out.append(self.co_learner(fmap))   # BN: statistics of this task's query set
+        return torch.stack(out)

@@ -1,0 +1,207 @@
+"""TRLearner: task-relation consistency in the outer loop (an outer-term plug-in).
+
+Reference: Wang, Qiang, Zheng, Xiong, Hua, "Rethinking Meta-Learning from a Learning Lens", arXiv 2409.08474.
+No public code exists and the exact equations are not available: this is *our reading* of the paper's
+description (``shared/specs/trlearner.md``), not a reproduction of the authors' code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as fn
+from ..seams import OuterContext, Plugin
+from . import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..maml import MAML
+
+
+def _last_linear(model: nn.Module, who: str) -> tuple[str, nn.Linear]:
+    """The last ``nn.Linear`` of ``model`` (registration order), by module name; the same head ANIL adapts."""
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{who} needs a model whose output layer is an nn.Linear; {type(model).__name__} has none")
+    return linears[-1]
+
+
+def task_groups(T: int, group_size: int) -> list[range]:
+    """Consecutive groups of ``group_size`` tasks; the last one is smaller when T is not a multiple.
+
+    A last group of a single task has no partner to relate to, so it joins the previous group (which then
+    holds ``group_size + 1`` tasks). ``T <= group_size`` gives one group: the whole meta-batch.
+    """
+    bounds = list(range(0, T, group_size)) + [T]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+@register("trlearner")
+class TRLearner(Plugin):
+    """Task Relation Learner: adapted models of related tasks should agree on each other's inputs.
+
+    For a meta-batch of T >= 2 tasks, within groups of ``group_size`` consecutive tasks::
+
+        m_i  = meta-data of task i at θ (detached, L2-normalised)
+        M_ij = (1/K) Σ_k cos(w_k ⊙ m_i, w_k ⊙ m_j)               K learnable heads w_k ∈ R^d
+        M̃_i· = softmax_{j≠i}(M_ij / τ)                           rows sum to 1
+        P_ij = task j's adapted model on task i's probe inputs (its first ``probe_size`` query inputs)
+        L_TR = mean_i mean((P_ii − Σ_{j≠i} M̃_ij P_ij)²),          outer term  λ · L_TR
+
+    Our reading of what the paper leaves open:
+
+    * Meta-data: classification uses ``[mean; std]`` over the support samples of the features (input of the
+      last Linear) at θ — label-free, so the relation does not depend on the arbitrary class order of an
+      episode; std is the population std (defined for a single sample). Regression uses the flattened
+      support-loss gradient w.r.t. the last Linear's weight and bias at θ. Which one is decided per
+      meta-batch by ``batch.is_classification``; the heads are sized at attach from the learner's loss
+      (cross-entropy → classification), and a batch of the other kind is refused.
+    * P is the model output (regression) or the features (classification). Both P_ii and the P_ij carry
+      gradients (to θ through the adapted parameters, first or second order as the learner); M̃ carries the
+      gradient of the heads. m_i is detached, so the heads learn only through the consistency term.
+    * Groups bound the cost to T·(G−1) probe forwards (G = ``group_size``), vectorised over tasks: for every
+      offset k the task-batched adapted parameters are permuted so task i meets partner i+k of its group.
+      A last group of one task joins the previous group (see :func:`task_groups`).
+    * Probes are the first ``probe_size`` query inputs, as specified. Samplers that order the query set by
+      class (ours do) then probe mostly the first classes; everything here is label-free, so this narrows
+      what is compared, it does not bias it. P_ii reuses the core's query forward when the probes are the
+      whole query set; otherwise it takes one more forward (batch-statistics BN makes a slice differ).
+    * Extra cost per meta-batch: T support forwards at θ for m_i (plus a backward for regression), T·(G−1)
+      probe forwards, and at most one more for P_ii.
+    * With two tasks per group each row of M̃ has one entry (always 1), so the heads get no gradient.
+
+    Diagnostics per meta-batch: ``trlearner.relation`` (M̃ of the first group) and ``trlearner.loss`` (L_TR).
+
+    Args:
+        weight: λ; 0 is the base learner exactly (the term is skipped).
+        heads: K, the number of similarity heads.
+        temperature: τ of the row softmax.
+        group_size: G, tasks related to each other.
+        probe_size: probe inputs per task (all query inputs when fewer).
+
+    Example:
+        >>> from metagrad import MAML, methods
+        >>> from metagrad.models import MLP
+        >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse", plugins=[methods.create("trlearner")])
+        >>> out = learner.meta_loss(batch)                 # batch: a TaskBatch with T >= 2 tasks
+        >>> out.loss.backward(); out.diagnostics["trlearner.relation"]   # M̃ of the first group
+    """
+
+    def __init__(self, weight: float = 0.1, heads: int = 4, temperature: float = 0.5, group_size: int = 4,
+                 probe_size: int = 16) -> None:
+        super().__init__()
+        if weight < 0 or heads < 1 or temperature <= 0 or group_size < 2 or probe_size < 1:
+            raise ValueError("TRLearner needs weight >= 0, heads >= 1, temperature > 0, group_size >= 2 and "
+                             f"probe_size >= 1, got {weight}, {heads}, {temperature}, {group_size}, {probe_size}")
+        self.weight, self.num_heads, self.temperature = float(weight), int(heads), float(temperature)
+        self.group_size, self.probe_size = int(group_size), int(probe_size)
+        self.head_weights: nn.Parameter | None = None   # [K, d], built at attach (d depends on the model)
+        self._head_names: tuple[str, ...] = ()
+        self._classification = True
+
+    def attach(self, learner: MAML) -> None:
+        model = learner.model
+        head, lin = _last_linear(model, "TRLearner")
+        self._classification = learner.loss_kind == "cross_entropy"
+        if self._classification:
+            if not fn.supports_features(model):
+                raise ValueError(f"TRLearner (classification) needs features, but {type(model).__name__}.forward "
+                                 "has no return_features argument")
+            d = 2 * lin.in_features
+            # Ask for query features so P_ii can reuse them when the probes are the whole query set. Correct
+            # either way: without them (a core that reads the flag before attach) P_ii takes its own forward.
+            self.needs_features = True
+        else:
+            self._head_names = tuple(f"{head}.{n}" if head else n for n, _ in lin.named_parameters())
+            d = sum(p.numel() for p in lin.parameters())
+        w = lin.weight
+        self.head_weights = nn.Parameter(1 + 0.01 * torch.randn(self.num_heads, d, dtype=w.dtype, device=w.device))
+
+    # -- the relation matrix ---------------------------------------------------------------------------------------
+    def meta_data(self, ctx: OuterContext) -> torch.Tensor:
+        """``[T, d]`` task meta-data m_i at θ, detached and L2-normalised."""
+        batch = ctx.batch
+        theta = {n: p.detach() for n, p in ctx.meta_params.items()}
+        params = fn.expand_tasks(theta, len(batch))
+        if batch.is_classification:
+            with torch.no_grad():
+                _, feats = ctx.forward(params, batch.support_x, return_features=True)
+            m = torch.cat([feats.mean(dim=1), feats.std(dim=1, correction=0)], dim=1)
+        else:
+            # enable_grad: evaluate(outer_terms=True) runs outer terms under no_grad.
+            with torch.enable_grad():
+                params = {**params, **{n: params[n].clone().requires_grad_() for n in self._head_names}}
+                losses = ctx.learner.loss_of(ctx.forward(params, batch.support_x), batch.support_y)
+                grads = torch.autograd.grad(losses.sum(), [params[n] for n in self._head_names])
+            m = torch.cat([g.flatten(1) for g in grads], dim=1)
+        return F.normalize(m.detach(), dim=1)
+
+    def relation(self, m: torch.Tensor, groups: list[range]) -> torch.Tensor:
+        """``[T, T]`` row-normalised relation M̃: softmax over the other tasks of the same group, 0 elsewhere."""
+        assert self.head_weights is not None
+        z = F.normalize(self.head_weights.unsqueeze(0) * m.unsqueeze(1), dim=2)   # [T, K, d]
+        sim = torch.einsum("ikd,jkd->ij", z, z) / self.num_heads
+        T = m.shape[0]
+        allowed = torch.zeros(T, T, dtype=torch.bool, device=m.device)
+        for g in groups:
+            allowed[g.start:g.stop, g.start:g.stop] = True
+        allowed.fill_diagonal_(False)
+        return torch.softmax((sim / self.temperature).masked_fill(~allowed, float("-inf")), dim=1)
+
+    # -- the outer term ------------------------------------------------------------------------------------------
+    def outer_term(self, ctx: OuterContext) -> torch.Tensor | None:
+        if self.weight == 0:
+            return None   # neutral: the base learner's loss and gradients, bit for bit
+        batch = ctx.batch
+        T = len(batch)
+        if T < 2:
+            raise ValueError(f"TRLearner needs >= 2 tasks per meta-batch to relate them, got {T}: "
+                             "raise meta_batch_size or drop the plug-in")
+        cls = batch.is_classification
+        if cls != self._classification:
+            raise ValueError(f"TRLearner was attached for {'classification' if self._classification else 'regression'}"
+                             f" (loss={ctx.learner.loss_kind!r}) but got a {'classification' if cls else 'regression'}"
+                             " batch")
+        groups = task_groups(T, self.group_size)
+        rel = self.relation(self.meta_data(ctx), groups)
+        n = min(self.probe_size, batch.query_x.shape[1])
+        probe = batch.query_x[:, :n]
+        own = self._own_outputs(ctx, probe, cls)
+        # Σ_j M̃_ij P_ij, one task-batched forward per partner offset k (T·(G−1) probe forwards in all).
+        index = torch.arange(T, device=probe.device)
+        start = torch.empty(T, dtype=torch.long, device=probe.device)
+        size = torch.empty_like(start)
+        for g in groups:
+            start[g.start:g.stop], size[g.start:g.stop] = g.start, len(g)
+        mix = torch.zeros_like(own)
+        for k in range(1, max(len(g) for g in groups)):
+            sel = index[size > k]           # tasks whose group still has an unseen partner at offset k
+            partner = start[sel] + (sel - start[sel] + k) % size[sel]
+            out = ctx.forward({name: p[partner] for name, p in ctx.fast_params.items()}, probe[sel], cls)
+            others = out[1] if cls else out
+            mix = mix.index_add(0, sel, rel[sel, partner].view(-1, *[1] * (others.dim() - 1)) * others)
+        loss = (own - mix).pow(2).flatten(1).mean(dim=1).mean()
+        first = groups[0]
+        ctx.log("trlearner.relation", rel[first.start:first.stop, first.start:first.stop])
+        ctx.log("trlearner.loss", loss)
+        return self.weight * loss
+
+    def _own_outputs(self, ctx: OuterContext, probe: torch.Tensor, cls: bool) -> torch.Tensor:
+        """P_ii; reuses the core's query forward when the probes are the whole query set.
+
+        Only then: batch-statistics normalisation makes the output on a subset differ from a slice of the
+        output on the whole set.
+        """
+        if probe.shape[1] == ctx.batch.query_x.shape[1]:
+            if not cls:
+                return ctx.query_output
+            if ctx.query_features is not None:
+                return ctx.query_features
+        out = ctx.forward(ctx.fast_params, probe, cls)
+        return out[1] if cls else out

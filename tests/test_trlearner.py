@@ -1,0 +1,278 @@
+"""TRLearner: relation invariants, groups, neutrality, an independent reference, finite differences, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metagrad import MAML, TaskBatch, methods
+from metagrad.methods.cml import CML
+from metagrad.methods.trlearner import TRLearner, task_groups
+from metagrad.models import MLP, Conv4
+from tests.test_maml import assert_close_rel, image_batch, regression_batch
+
+F = nn.functional
+
+
+def mlp64(seed=0):
+    torch.manual_seed(seed)
+    return MLP(1, (8, 8), 1).double()
+
+
+def conv64(seed=0):
+    torch.manual_seed(seed)
+    return Conv4(1, ways=3, width=4, image_size=28).double()
+
+
+def grads_of(learner, batch):
+    out = learner.meta_loss(batch)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(out.loss, params, allow_unused=True)
+
+
+def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
+    """One task's inner loop on all parameters, by hand (torch.autograd only)."""
+    fast = dict(theta)
+    for _ in range(steps):
+        loss = loss_fn(functional_call(model, fast, (x,)), y)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+    return fast
+
+
+def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe):
+    """MAML + TRLearner written per task and per pair, with no metagrad code. Returns (loss, M̃ rows)."""
+    cls = batch.is_classification
+    loss_fn = F.cross_entropy if cls else F.mse_loss
+    theta = dict(model.named_parameters())
+    T, K = len(batch), heads.shape[0]
+    fasts = [ref_adapt(model, theta, batch.support_x[t], batch.support_y[t], lr, steps, first_order, loss_fn)
+             for t in range(T)]
+    query = sum(loss_fn(functional_call(model, fasts[t], (batch.query_x[t],)), batch.query_y[t])
+                for t in range(T)) / T
+    metas = []
+    for t in range(T):
+        th = {n: p.detach().clone().requires_grad_() for n, p in theta.items()}
+        if cls:
+            _, f = functional_call(model, th, (batch.support_x[t],), {"return_features": True})
+            m = torch.cat([f.mean(0), ((f - f.mean(0)) ** 2).mean(0).sqrt()])
+        else:
+            loss = loss_fn(functional_call(model, th, (batch.support_x[t],)), batch.support_y[t])
+            last = list(th)[-2:]   # the MLP's output layer: weight, bias
+            m = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [th[n] for n in last])])
+        metas.append((m / m.norm()).detach())
+
+    def cos(a, b):
+        return (a * b).sum() / (a.norm() * b.norm())
+
+    def probe_out(fast, x):
+        out = functional_call(model, fast, (x,), {"return_features": True})
+        return out[1] if cls else out[0]
+
+    tr, rows = 0.0, {}
+    for g in groups:
+        for i in g:
+            others = [j for j in g if j != i]
+            sims = torch.stack([sum(cos(heads[k] * metas[i], heads[k] * metas[j]) for k in range(K)) / K
+                                for j in others])
+            e = torch.exp(sims / tau)
+            rows[i] = dict(zip(others, e / e.sum()))
+            x = batch.query_x[i][:probe]
+            mix = sum(rows[i][j] * probe_out(fasts[j], x) for j in others)
+            tr = tr + ((probe_out(fasts[i], x) - mix) ** 2).mean()
+    return query + weight * tr / T, rows
+
+
+# -- the defining invariants ---------------------------------------------------------------------------------------
+def test_relation_rows_sum_to_one_and_ignore_class_order():
+    model, batch = conv64(), image_batch(T=4, seed=1)
+    learner = MAML(model, inner_lr=0.4, plugins=[TRLearner()])
+    rel = learner.meta_loss(batch).diagnostics["trlearner.relation"]
+    assert rel.shape == (4, 4)
+    assert torch.allclose(rel.sum(1), torch.ones(4, dtype=rel.dtype), atol=1e-12)
+    assert (rel.diagonal() == 0).all() and (rel >= 0).all()
+    # Each task's support set: samples shuffled and class ids relabelled. The adapted models change, M̃ may not.
+    g = torch.Generator().manual_seed(0)
+    sx, sy = batch.support_x.clone(), batch.support_y.clone()
+    for t in range(4):
+        order, relabel = torch.randperm(3, generator=g), torch.tensor([2, 0, 1])
+        sx[t], sy[t] = batch.support_x[t][order], relabel[batch.support_y[t][order]]
+    permuted = TaskBatch(sx, sy, batch.query_x, relabel[batch.query_y])
+    out = learner.meta_loss(permuted)
+    assert torch.allclose(out.diagnostics["trlearner.relation"], rel, rtol=0, atol=1e-12)
+    assert not torch.allclose(out.query_loss, learner.meta_loss(batch).query_loss)
+    # ... while other support images do change it (the invariance is not a constant).
+    other = learner.meta_loss(image_batch(T=4, seed=7)).diagnostics["trlearner.relation"]
+    assert (other - rel).abs().max() > 1e-6
+
+
+def test_groups():
+    assert [list(g) for g in task_groups(8, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [list(g) for g in task_groups(3, 4)] == [[0, 1, 2]]
+    assert [list(g) for g in task_groups(6, 4)] == [[0, 1, 2, 3], [4, 5]]
+    assert [list(g) for g in task_groups(5, 2)] == [[0, 1], [2, 3, 4]]   # a lone last task joins the previous
+    model, batch = mlp64(), regression_batch(T=8, seed=2)
+    plug = TRLearner(weight=1.0, group_size=4)
+    learner = MAML(model, inner_lr=0.05, loss="mse", plugins=[plug])
+    out = learner.meta_loss(batch)
+    assert out.diagnostics["trlearner.relation"].shape == (4, 4)   # the first group's M̃
+    halves = [learner.meta_loss(batch.select(s)) for s in (slice(0, 4), slice(4, 8))]
+    term = out.loss - out.query_loss
+    assert torch.allclose(term, sum(h.loss - h.query_loss for h in halves) / 2, rtol=1e-10)
+
+
+# -- neutrality, reference, gradients ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_weight_zero_is_plain_maml(kind):
+    model, batch = (mlp64(), regression_batch(T=4)) if kind == "mse" else (conv64(), image_batch(T=4))
+    plain_out, plain = grads_of(MAML(model, inner_lr=0.1, loss=kind), batch)
+    out, grads = grads_of(MAML(model, inner_lr=0.1, loss=kind, plugins=[TRLearner(weight=0.0)]), batch)
+    assert torch.equal(out.loss, plain_out.loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain))
+
+
+@pytest.mark.parametrize("kind, T, group_size, probe, first_order", [
+    ("mse", 5, 2, 5, False),            # groups [0,1] [2,3,4]; probes a strict subset of the 7 queries
+    ("mse", 4, 4, 16, True),            # probes = all queries (the core's query output is reused)
+    ("cross_entropy", 4, 4, 16, False),
+    ("cross_entropy", 3, 4, 4, True),   # 4 of 6 queries: batch-norm statistics of the probe set
+])
+def test_matches_independent_reference(kind, T, group_size, probe, first_order):
+    if kind == "mse":
+        model, batch, lr, steps = mlp64(1), regression_batch(T=T, seed=3), 0.05, 2
+    else:
+        model, batch, lr, steps = conv64(1), image_batch(T=T, seed=3), 0.4, 1
+    plug = TRLearner(weight=0.5, temperature=0.7, group_size=group_size, probe_size=probe)
+    learner = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, loss=kind, plugins=[plug])
+    out, grads = grads_of(learner, batch)
+    ref, rows = reference_trlearner(model, batch, plug.head_weights, lr=lr, steps=steps, first_order=first_order,
+                                    weight=0.5, tau=0.7, groups=task_groups(T, group_size), probe=probe)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()) + [plug.head_weights])
+    assert torch.allclose(out.loss, ref, rtol=1e-10)
+    assert_close_rel(grads, ref_grads, 1e-6)
+    rel = out.diagnostics["trlearner.relation"]
+    for i in range(rel.shape[0]):
+        for j, v in rows[i].items():
+            assert abs(rel[i, j].item() - v.item()) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_finite_differences(kind):
+    model, batch = (mlp64(2), regression_batch(T=4, seed=4)) if kind == "mse" else (conv64(2), image_batch(T=3))
+    plug = TRLearner(weight=1.0)
+    learner = MAML(model, inner_lr=0.1 if kind == "mse" else 0.4, loss=kind, plugins=[plug])
+    # m_i is detached by definition (a stop-gradient), so the meta-loss to difference is the one with m_i held
+    # at its value at the unperturbed θ.
+    frozen, meta = plug.meta_data, {}
+    plug.meta_data = lambda ctx: meta.setdefault("m", frozen(ctx))
+    _, grads = grads_of(learner, batch)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum((a * d).sum() for a, d in zip(grads, direction))
+    # Conv4: a ReLU or max-pool switch makes the inner gradient, hence θ', jump; keep the steps small.
+    eps = 1e-6 if kind == "mse" else 1e-7
+
+    def loss_at(sign):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+        value = learner.meta_loss(batch).loss.detach()
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+        return value
+
+    numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
+    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+
+
+# -- composition with the other plug-ins and the learner's options --------------------------------------------------
+OPTIONS = [{}, {"adapt": "head"}, {"first_order": True}, {"learn_inner_lr": "per_step", "inner_steps": 2}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["maml", "anil", "first_order", "per_step"])
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_with_cml_and_learner_options(kind, options):
+    model, batch = (mlp64(), regression_batch(T=4)) if kind == "mse" else (conv64(), image_batch(T=4))
+    tr, cml = TRLearner(), CML()
+    learner = MAML(model, inner_lr=0.1, loss=kind, plugins=[tr, cml], **options).double()
+    out = learner.meta_loss(batch)
+    named = [(n, p) for n, p in learner.named_parameters()]
+    grads = torch.autograd.grad(out.loss, [p for _, p in named])
+    for (n, _), g in zip(named, grads):
+        assert torch.isfinite(g).all(), n
+        assert g.abs().sum() > 0, n    # θ, the inner rates, the relation heads and the co-learner all learn
+    d = out.diagnostics
+    assert torch.allclose(out.loss, out.query_loss + 0.1 * d["trlearner.loss"] + d["cml.loss"], rtol=1e-10)
+    # Each term is the one it would be alone.
+    alone_plug = TRLearner()
+    alone = MAML(model, inner_lr=0.1, loss=kind, plugins=[alone_plug], **options).double()
+    alone.load_state_dict({k: v for k, v in learner.state_dict().items() if not k.startswith("plugins.1.")})
+    assert torch.allclose(alone.meta_loss(batch).diagnostics["trlearner.loss"], d["trlearner.loss"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("key", [k for k in methods.available() if k not in ("trlearner", "cml")])
+def test_composes_with_every_other_plugin(key):
+    model, batch = conv64(), image_batch(T=4)
+    learner = MAML(model, inner_lr=0.4, plugins=[methods.create(key), TRLearner(), CML(head="conv")]).double()
+    out = learner.meta_loss(batch)
+    grads = torch.autograd.grad(out.loss, list(learner.parameters()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(out.diagnostics["trlearner.loss"]) and torch.isfinite(out.diagnostics["cml.loss"])
+
+
+def test_evaluate_skips_the_term_unless_asked():
+    model, batch = mlp64(), regression_batch(T=4)
+    learner = MAML(model, inner_lr=0.05, loss="mse", plugins=[TRLearner()])
+    train = learner.meta_loss(batch)
+    ev = learner.evaluate(batch)
+    assert torch.allclose(ev.loss, train.query_loss.detach(), rtol=1e-12)
+    ev_terms = learner.evaluate(batch, outer_terms=True)   # outer terms under no_grad: meta-data still computed
+    assert torch.allclose(ev_terms.loss, train.loss.detach(), rtol=1e-12)
+
+
+def test_registry_and_state():
+    plug = methods.create("trlearner", weight=0.2, heads=3)
+    assert isinstance(plug, TRLearner) and plug.weight == 0.2
+    learner = MAML(conv64(), plugins=[plug])
+    assert plug.head_weights.shape == (3, 2 * 4) and plug.head_weights.dtype == torch.float64
+    assert "plugins.0.head_weights" in learner.state_dict()
+    assert any(p is plug.head_weights for p in learner.parameters())
+    assert learner.needs_features   # classification: P_ii reuses the query features when probes cover the set
+    assert MAML(mlp64(), loss="mse", plugins=[TRLearner()]).plugins[0].head_weights.shape == (4, 8 + 1)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+def test_bad_input_is_refused():
+    learner = MAML(mlp64(), inner_lr=0.05, loss="mse", plugins=[TRLearner()])
+    with pytest.raises(ValueError, match="TRLearner needs >= 2 tasks per meta-batch"):
+        learner.meta_loss(regression_batch(T=1))
+    MAML(mlp64(), loss="mse", plugins=[TRLearner(weight=0.0)]).meta_loss(regression_batch(T=1))  # neutral: fine
+
+    class NoFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="return_features"):
+        MAML(NoFeatures(), plugins=[TRLearner()])
+
+    class NoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.w * x
+
+    with pytest.raises(ValueError, match="nn.Linear"):
+        MAML(NoLinear(), loss="mse", plugins=[TRLearner()])
+    for bad in ({"group_size": 1}, {"temperature": 0.0}, {"heads": 0}, {"weight": -1.0}, {"probe_size": 0}):
+        with pytest.raises(ValueError, match="TRLearner needs"):
+            TRLearner(**bad)
