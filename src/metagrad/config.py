@@ -1,0 +1,381 @@
+"""Run configuration: nested dataclasses, TOML presets with ``extends``, dotted type-checked overrides.
+
+A run is fully described by one :class:`Config`. Presets are small TOML files in ``metagrad/configs/`` (the
+repository's ``configs/`` links there) loaded by name or path; ``--set section.key=value`` overrides are
+checked against the field types below, and the resolved config is saved as ``config.json`` in the run
+directory so the run can be resumed, re-evaluated or repeated from it alone.
+
+Example:
+    >>> cfg = resolve("sinusoid-10shot", ["train.iterations=200", "maml.first_order=true"])
+    >>> cfg.train.iterations, cfg.maml.inner_lr, cfg.eval.inner_steps
+    (200, 0.01, [0, 1, 10])
+    >>> cfg.plugins
+    []
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad preset, key or value; the message is one line that says what to change."""
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "sinusoid"              # a registered benchmark: `metagrad list benchmarks`
+    ways: int = 5                       # classes per task (regression ignores it)
+    shots: int = 10                     # support samples per class (points, for regression)
+    queries: int = 10                   # query samples per class: what the outer loss is measured on
+    data_root: str | None = None        # folder of the data files; None: the benchmark's default lookup
+    image_size: int | None = None       # resize images to this side; None: the benchmark's standard size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other data.create argument, passed as is
+
+
+@dataclass
+class ModelConfig:
+    name: str = "auto"                  # mlp | conv4 | gcn; auto: mlp for regression, gcn for graphs, else conv4
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (Finn: 40-40); GCN: [16]
+    width: int = 64                     # Conv4 filters per block (32 for mini-ImageNet in Finn et al.)
+    bias: bool = False                  # Conv4 conv bias: redundant before batch norm, so off
+    pool: str = "max"                   # Conv4 pooling: "max", or "none" for strided-free feature maps
+    dropout: float = 0.0                # GCN dropout; 0 keeps the inner loop a deterministic function
+
+
+@dataclass
+class MAMLConfig:
+    inner_lr: float = 0.4               # α; Finn: 0.4 Omniglot 5-way, 0.01 sinusoid and mini-ImageNet
+    inner_steps: int = 1                # inner steps in meta-training (the second-order graph grows with it)
+    eval_inner_steps: int | None = None  # inner steps at evaluation; None: same as inner_steps
+    first_order: bool = False           # FOMAML: drop second-order terms (cheaper, nearly as good)
+    adapt: str = "all"                  # all | no_norm | head (ANIL): which tensors the inner loop updates
+    learn_inner_lr: str = "fixed"       # fixed | per_step (MAML++ LSLR) | per_element (Meta-SGD)
+    multi_step_loss: bool = False       # MAML++ MSL: query loss after every inner step, annealed to the last
+    msl_iterations: int = 0             # iterations over which MSL weights anneal to the last step
+    first_order_iterations: int = 0     # MAML++: first order for this many iterations, then second order
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 60000             # meta-updates; Finn: 60k (images), 70k (sinusoid)
+    meta_batch_size: int = 32           # tasks per meta-update
+    meta_lr: float = 1e-3               # Adam step size on θ and the plug-ins' parameters
+    seed: int = 0                       # model initialisation and the training task stream
+    grad_clip: float | None = None      # clip the meta-gradient's global norm; None: no clipping
+    log_every: int = 100                # iterations per metrics.jsonl line (values averaged over the window)
+    val_every: int = 1000               # iterations between validations; 0: never
+    val_tasks: int = 100                # val tasks per validation: enough to see a trend, cheap to run
+    checkpoint_every: int = 1000        # iterations between checkpoints (and always at the end); 0: end only
+    device: str = "auto"                # cpu | cuda | cuda:N | auto (cuda when available)
+    threads: int | None = None          # torch CPU threads; small models run fastest on 1 (less sync overhead)
+
+
+@dataclass
+class EvalConfig:
+    tasks: int = 600                    # test tasks: the field's protocol (mean ± 95% CI over tasks)
+    inner_steps: list[int] | None = None  # steps to report; None: [0, 1, eval] for regression, [eval] else
+    split: str = "test"                 # the final evaluation's split
+    seed: int = 0                       # val/test stream seed, fixed so every run is scored on the same tasks
+    meta_batch_size: int | None = None  # tasks per evaluation batch; None: train.meta_batch_size
+
+
+@dataclass
+class Config:
+    name: str = "custom"                # preset name: names the default run directory
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plugins: list[str] = field(default_factory=list)  # registry keys, applied in order: `metagrad list methods`
+    plugin_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per plug-in kwargs, by key
+
+    def eval_steps(self, task_type: str) -> list[int]:
+        """The inner-step counts reported at evaluation (see :attr:`EvalConfig.inner_steps`)."""
+        if self.eval.inner_steps is not None:
+            return list(self.eval.inner_steps)
+        k = self.maml.inner_steps if self.maml.eval_inner_steps is None else self.maml.eval_inner_steps
+        return sorted({0, 1, k}) if task_type == "regression" else [k]
+
+
+_CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "none"),
+            "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
+            "eval.split": ("train", "val", "test")}
+_AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
+               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks")
+_AT_LEAST_0 = ("maml.eval_inner_steps", "maml.msl_iterations", "maml.first_order_iterations", "train.val_every",
+               "train.checkpoint_every")
+
+
+# ------------------------------------------------------------------------------------------------ presets
+def presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw dict of a preset (name in ``metagrad/configs`` or a ``.toml`` path), ``extends`` merged in."""
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix == ".toml" or path.is_file()):
+        path = PRESET_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}{_did_you_mean(name_or_path, presets())}; "
+                              f"or pass a .toml path")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    key = str(path.resolve())
+    if key in _seen:
+        raise ConfigError(f"preset {path.stem!r} extends itself through {' -> '.join(Path(s).stem for s in _seen)}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    raw.setdefault("name", path.stem)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a preset name or path, got {parent!r}")
+    if parent.endswith(".toml") and not Path(parent).is_absolute():
+        parent = str(path.parent / parent)
+    return _merge(load_preset(parent, (*_seen, key)), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------------------- building, types
+def resolve(preset: str | dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """A checked :class:`Config` from a preset (name, path or raw dict) and ``key=value`` overrides."""
+    cfg = from_dict(load_preset(preset) if isinstance(preset, str) else preset)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        set_value(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts (a preset or a saved ``config.json``), checking every key and type."""
+    cfg = Config()
+    for key, value in raw.items():
+        set_value(cfg, key, value)
+    return cfg
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set dotted ``key`` to ``value`` (a string from the command line, or a TOML/JSON value), type-checked.
+
+    A section takes a dict of its keys. Keys below a dict-typed field (``plugin_args.cml.weight``,
+    ``benchmark.kwargs.val_fraction``) are free-form: string values are read as int, float, bool, none or JSON
+    when they look like one.
+    """
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(Config)
+    if head not in hints:
+        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, all_keys())}")
+    obj, name, tp = cfg, head, hints[head]
+    if dataclasses.is_dataclass(tp):
+        if not rest:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section: set its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}")
+            for k, v in value.items():
+                set_value(cfg, f"{key}.{k}", v)
+            return
+        name, _, rest = rest.partition(".")
+        obj, tp = getattr(cfg, head), typing.get_type_hints(tp).get(name)
+        if tp is None:
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, all_keys())}")
+    if not rest:
+        setattr(obj, name, coerce(value, tp, key))
+        return
+    if typing.get_origin(tp) is not dict:
+        raise ConfigError(f"unknown config key {key!r}: {key[: -len(rest) - 1]} has no sub-keys")
+    d = getattr(obj, name)
+    *parents, last = rest.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{key}: {p!r} already holds a value, not a table")
+    d[last] = _literal(value) if isinstance(value, str) else value
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to type ``tp`` (str from the command line, or a TOML/JSON value), or ConfigError."""
+    try:
+        return _convert(value, tp)
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)))
+    if tp in _SCALARS:
+        if isinstance(value, str) and tp is not str:
+            return _BOOLS[value.lower()] if tp is bool else tp(value)
+        # TOML true is not a number, and 1.5 is not an int.
+        if not isinstance(value, _SCALARS[tp]) or (isinstance(value, bool) and tp is not bool):
+            raise TypeError(tp)
+        return tp(value)
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(tp)
+        return [_convert(v, args[0]) for v in value]
+    if origin is dict:
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise TypeError(tp)
+        return dict(value)
+    raise TypeError(f"unsupported field type {tp!r}")  # pragma: no cover - a bug in this module
+
+
+_SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _literal(text: str) -> Any:
+    """A free-form string as the value it looks like: int, float, bool, None, JSON list/object, else str."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])} (comma-separated)"
+    if origin is dict:
+        return "table of key=value"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def all_keys() -> list[str]:
+    """Every dotted config key, e.g. ``train.iterations``."""
+    keys = []
+    for name, tp in typing.get_type_hints(Config).items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else [name]
+    return keys
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks the types cannot express; raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for keys, low in ((_AT_LEAST_1, 1), (_AT_LEAST_0, 0)):
+        for key in keys:
+            v = _get(cfg, key)
+            if v is not None and v < low:
+                raise ConfigError(f"{key}: must be >= {low}, got {v}")
+    for key in ("maml.inner_lr", "train.meta_lr"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if cfg.eval.inner_steps is not None and (not cfg.eval.inner_steps or min(cfg.eval.inner_steps) < 0):
+        raise ConfigError(f"eval.inner_steps: expected non-negative step counts, got {cfg.eval.inner_steps}")
+    if len(set(cfg.plugins)) != len(cfg.plugins):
+        raise ConfigError(f"plugins: {cfg.plugins} names a plug-in twice")
+    for name, kwargs in cfg.plugin_args.items():
+        if name not in cfg.plugins:
+            raise ConfigError(f"plugin_args.{name} is set but {name!r} is not in plugins {cfg.plugins}: add it "
+                              f"with --set plugins={','.join([*cfg.plugins, name])}")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"plugin_args.{name}: expected a table of key=value, got {kwargs!r}")
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (the stdlib has no TOML writer; JSON reads back the same)."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load(path: str | Path) -> Config:
+    """Read a saved ``config.json`` back into a checked Config."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config {str(path)!r}: {e}") from e
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (dict-typed fields compared key by key)."""
+    fa, fb = _leaves(to_dict(a)), _leaves(to_dict(b))
+    return [k for k in dict.fromkeys([*fa, *fb]) if fa.get(k, _MISSING) != fb.get(k, _MISSING)]
+
+
+_MISSING = object()
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+__all__ = ["BenchmarkConfig", "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig",
+           "all_keys", "diff", "from_dict", "load", "load_preset", "presets", "resolve", "save",
+           "set_value", "to_dict", "validate"]

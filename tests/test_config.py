@@ -1,0 +1,130 @@
+"""Config: presets and ``extends``, dotted overrides type-checked against the dataclass fields, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metagrad import config as C
+
+
+def test_every_preset_resolves():
+    names = C.presets()
+    assert {"sinusoid-5shot", "sinusoid-10shot", "sinusoid-20shot", "harmonic-5shot", "harmonic-10shot"} <= set(names)
+    for name in names:
+        cfg = C.resolve(name)
+        assert cfg.name == name
+
+
+def test_sinusoid_presets_follow_finn():
+    cfg = C.resolve("sinusoid-10shot")
+    assert (cfg.benchmark.name, cfg.benchmark.shots, cfg.benchmark.queries) == ("sinusoid", 10, 10)
+    assert (cfg.model.name, cfg.model.hidden) == ("mlp", [40, 40])
+    assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.01, 1, 10)
+    assert (cfg.train.meta_batch_size, cfg.train.meta_lr) == (25, 1e-3)
+    assert cfg.eval.inner_steps == [0, 1, 10] and cfg.eval.tasks == 600
+    five, harmonic = C.resolve("sinusoid-5shot"), C.resolve("harmonic-10shot")
+    assert five.benchmark.shots == 5 and harmonic.benchmark.name == "harmonic"
+    # `extends` changes only what the child sets.
+    assert C.diff(cfg, five) == ["name", "benchmark.shots"]
+
+
+def test_overrides_are_parsed_to_the_field_types():
+    cfg = C.resolve("sinusoid-10shot", [
+        "train.iterations=7", "maml.inner_lr=1e-2", "maml.first_order=true", "train.grad_clip=none",
+        "eval.inner_steps=0,5", "model.hidden=[20, 20, 20]", "maml.eval_inner_steps=null", "plugins=cml,meta_gna",
+        "plugin_args.cml.weight=0.5", "plugin_args.cml.head=linear", "benchmark.kwargs.val_fraction=0.3",
+        "train.threads=None",
+    ])
+    assert cfg.train.iterations == 7 and cfg.maml.inner_lr == 0.01 and cfg.maml.first_order is True
+    assert cfg.train.grad_clip is None and cfg.maml.eval_inner_steps is None and cfg.train.threads is None
+    assert cfg.eval.inner_steps == [0, 5] and cfg.model.hidden == [20, 20, 20]
+    assert cfg.plugins == ["cml", "meta_gna"]
+    assert cfg.plugin_args == {"cml": {"weight": 0.5, "head": "linear"}}
+    assert cfg.benchmark.kwargs == {"val_fraction": 0.3}
+    assert C.resolve("sinusoid-10shot", ["plugins="]).plugins == []
+
+
+def test_unknown_key_suggests_close_matches():
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'train.iteratons' \(did you mean: train.iterations"):
+        C.resolve("sinusoid-10shot", ["train.iteratons=5"])
+    with pytest.raises(C.ConfigError, match="unknown config key 'trian.seed'.*train.seed"):
+        C.resolve("sinusoid-10shot", ["trian.seed=1"])
+    with pytest.raises(C.ConfigError, match="has no sub-keys"):
+        C.resolve("sinusoid-10shot", ["train.seed.x=1"])
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.iterations=abc", "expected int"),
+    ("train.iterations=1.5", "expected int"),
+    ("maml.inner_lr=fast", "expected float"),
+    ("maml.first_order=maybe", "expected bool"),
+    ("eval.inner_steps=0,x", "expected list of int"),
+    ("train.grad_clip=big", "expected float or none"),
+])
+def test_wrong_type_names_the_expected_type(item, expected):
+    with pytest.raises(C.ConfigError, match=expected) as err:
+        C.resolve("sinusoid-10shot", [item])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.name=resnet", "model.name: expected one of auto, mlp, conv4, gcn"),
+    ("maml.adapt=some", "maml.adapt: expected one of"),
+    ("train.iterations=0", "train.iterations: must be >= 1"),
+    ("maml.inner_lr=-1", "maml.inner_lr: must be > 0"),
+    ("plugin_args.cml.weight=1", "plugin_args.cml is set but 'cml' is not in plugins"),
+    ("plugins=cml,cml", "names a plug-in twice"),
+    ("train.seed", "--set expects key=value"),
+    ("train=3", "train is a section"),
+])
+def test_values_are_validated(item, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.resolve("sinusoid-10shot", [item])
+
+
+def test_unknown_preset_lists_close_names():
+    with pytest.raises(C.ConfigError, match="unknown preset 'sinusoid-10shots' .*sinusoid-10shot"):
+        C.resolve("sinusoid-10shots")
+
+
+def test_toml_file_with_relative_extends_and_bad_keys(tmp_path):
+    (tmp_path / "base.toml").write_text('extends = "sinusoid-10shot"\n[train]\niterations = 11\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[maml]\ninner_steps = 2\n')
+    cfg = C.resolve(str(tmp_path / "child.toml"))
+    assert (cfg.name, cfg.train.iterations, cfg.maml.inner_steps, cfg.benchmark.name) == ("child", 11, 2, "sinusoid")
+    (tmp_path / "bad.toml").write_text('[train]\niterations = "many"\n')
+    with pytest.raises(C.ConfigError, match="train.iterations: expected int, got 'many'"):
+        C.resolve(str(tmp_path / "bad.toml"))
+    (tmp_path / "typo.toml").write_text('[trian]\nseed = 1\n')
+    with pytest.raises(C.ConfigError, match="unknown config key 'trian'"):
+        C.resolve(str(tmp_path / "typo.toml"))
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(C.ConfigError, match="extends itself"):
+        C.resolve(str(tmp_path / "loop.toml"))
+    (tmp_path / "broken.toml").write_text('[train\n')
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.resolve(str(tmp_path / "broken.toml"))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = C.resolve("harmonic-5shot", ["plugins=cml", "plugin_args.cml.weight=0.25", "train.grad_clip=10"])
+    C.save(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["plugin_args"] == {"cml": {"weight": 0.25}}
+    assert C.load(tmp_path / "config.json") == cfg
+    assert C.resolve(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_eval_steps_default_by_task_type():
+    cfg = C.resolve("sinusoid-10shot", ["eval.inner_steps=none"])
+    assert cfg.eval_steps("regression") == [0, 1, 10]
+    assert cfg.eval_steps("classification") == [10]
+    cfg.maml.eval_inner_steps = None
+    assert cfg.eval_steps("classification") == [1]
+
+
+def test_all_keys_are_dotted_and_settable():
+    keys = C.all_keys()
+    assert {"train.iterations", "train.meta_batch_size", "train.seed", "maml.inner_lr", "maml.inner_steps",
+            "maml.first_order", "plugins"} <= set(keys)
