@@ -5,6 +5,7 @@ parameters in one computation; the learner falls back to a per-task loop otherwi
 """
 
 from .conv4 import Conv4
+from .gcn import GCN
 from .mlp import MLP
 
-__all__ = ["MLP", "Conv4"]
+__all__ = ["MLP", "Conv4", "GCN"]
