@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,14 @@ def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: tor
     kwargs = {"return_features": True} if return_features else {}
     if hasattr(model, "forward_batched"):
         return model.forward_batched(params, x, **kwargs)
-    outs = [functional_call(model, task_slice(params, t), (x[t],), kwargs) for t in range(x.shape[0])]
+    # One unbind per tensor, not a select per task: the backward of T selects writes T zero-filled
+    # [T, *shape] gradients (O(T²) memory traffic); one unbind's backward is a single stack.
+    T = x.shape[0]
+    if any(p.shape[0] != T for p in params.values()):
+        raise ValueError(f"forward_batched: x has {T} tasks but the parameters' leading dims are "
+                         f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
+    names, slices = list(params), [p.unbind(0) for p in params.values()]
+    outs = [functional_call(model, dict(zip(names, ps)), (xt,), kwargs) for xt, *ps in zip(x.unbind(0), *slices)]
     if return_features:
         return torch.stack([o for o, _ in outs]), torch.stack([f for _, f in outs])
     return torch.stack(outs)
@@ -57,3 +65,65 @@ def forward_single(model: nn.Module, params: Mapping[str, torch.Tensor], x: torc
     """Run one task with the (un-batched) parameters ``params``."""
     kwargs = {"return_features": True} if return_features else {}
     return functional_call(model, dict(params), (x,), kwargs)
+
+
+class PrecomputedGrad(torch.autograd.Function):
+    """Per-task values ``[T]`` whose gradients with respect to ``inputs`` were taken ahead of the backward.
+
+    ``rows[i]`` is ``[T, *inputs[i].shape]``: row t is the gradient of ``seed · value_t`` (None: no gradient).
+    ``shared[j]`` is the gradient of ``seed · Σ_t value_t`` w.r.t. a tensor every task shares (a learned inner
+    rate): exact when the values are weighted uniformly (``mean``, ``sum``), refused otherwise. The backward only
+    weights the rows by the incoming per-task weights (for weights equal to ``seed``, the common ``mean``, it is
+    the plain sum of the rows, bit for bit what autograd gives through a whole-batch graph). This is how
+    :class:`metagrad.MAML` frees each task chunk's graph as soon as its meta-gradient is known
+    (``memory="lean"``). Not differentiable twice.
+    """
+
+    @staticmethod
+    def forward(ctx, values, seed, rows, shared, *inputs):  # type: ignore[override]
+        ctx.seed, ctx.rows, ctx.shared = seed, rows, shared
+        return values.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, weights):  # type: ignore[override]
+        seeded = bool((weights == ctx.seed).all())
+        grads: list[torch.Tensor | None] = []
+        for r in ctx.rows:
+            if r is None:
+                grads.append(None)
+            elif seeded:
+                grads.append(r.sum_to_size(r.shape[1:]))
+            else:
+                grads.append(torch.tensordot(weights.to(r.dtype) / ctx.seed, r, 1))
+        if any(s is not None for s in ctx.shared):
+            if not bool((weights == weights[0]).all()):
+                raise RuntimeError("MAML(memory='lean') gives the gradient of uniformly weighted task losses "
+                                   "(out.loss); for other weightings with learned shared tensors use memory='graph'")
+            scale = 1.0 if seeded else weights[0] / ctx.seed
+            grads += [None if s is None else (s if seeded else scale.to(s.dtype) * s) for s in ctx.shared]
+        else:
+            grads += [None] * len(ctx.shared)
+        return (None, None, None, None, *grads)
+
+
+def saved_bytes() -> tuple[Any, list[int]]:
+    """A ``saved_tensors_hooks`` context that adds up the bytes autograd saves (distinct storages), and the
+    one-element list it adds them to: how large a graph is, measured while it is built."""
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key not in seen and key != 0:
+                seen.add(key)
+                total[0] += st.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+            pass
+        # Detached: a node that saves its own output would otherwise hold that output, which holds the node
+        # (a reference cycle through C++ that nothing collects).
+        return t.detach()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), total

@@ -7,6 +7,7 @@ learning or feature reuse?", ICLR 2020 (ANIL, ``adapt="head"``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,12 @@ from .seams import InnerContext, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
 
 ADAPT = ("all", "no_norm", "head")
+MEMORY = ("auto", "lean", "graph")
+# memory="lean": the largest autograd graph one task chunk may hold (bytes saved for backward).
+LEAN_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Words of torch's shape-mismatch errors: only those become "does not fit the model" errors.
+_SHAPE_WORDS = ("shape", "size", "mat1", "channels", "dimension", "Expected")
 
 
 @dataclass
@@ -53,6 +59,13 @@ class MAML(nn.Module):
         multi_step_loss: MAML++ MSL: the query loss after every inner step, weights annealed to the last one
             over ``msl_iterations`` meta-iterations.
         first_order_iterations: MAML++ derivative-order annealing: first order for this many meta-iterations.
+        memory: "auto" | "lean" | "graph". "lean" (what "auto" picks for a learner without plug-ins, outside the
+            multi-step loss): tasks run in chunks and each chunk's meta-gradient is taken inside ``meta_loss``,
+            so only one chunk's graph is ever held (peak memory of a per-task loop, no recomputation); the
+            returned losses carry those gradients and cannot be differentiated twice. "graph": the whole
+            meta-batch's graph is kept until ``backward`` (needed for plug-ins' outer terms).
+        task_chunk: tasks per chunk in "lean" mode; None sizes chunks so that one chunk's graph stays under
+            ``LEAN_CHUNK_BYTES`` (measured on the first task of each meta-batch).
 
     Example:
         >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
@@ -65,7 +78,8 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
                  loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
-                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0) -> None:
+                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0,
+                 memory: str = "auto", task_chunk: int | None = None) -> None:
         super().__init__()
         if adapt not in ADAPT:
             raise ValueError(f"unknown adapt mode {adapt!r}: use one of {', '.join(ADAPT)}")
@@ -73,6 +87,14 @@ class MAML(nn.Module):
             raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError("inner_steps must be >= 1 and eval_inner_steps >= 0")
+        if memory not in MEMORY:
+            raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY)}")
+        if memory == "lean" and plugins:
+            raise ValueError("memory='lean' is for MAML without plug-ins (their outer terms need the whole "
+                             "meta-batch's graph): use memory='auto' or 'graph'")
+        if task_chunk is not None and task_chunk < 1:
+            raise ValueError(f"task_chunk must be >= 1 or None, got {task_chunk}")
+        self.memory, self.task_chunk = memory, task_chunk
         self.model = model
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
@@ -121,19 +143,57 @@ class MAML(nn.Module):
         losses = per_sample_loss(self.loss_kind, output, target)
         return losses if per_sample else losses.mean(dim=1)
 
+    # -- input checks (fail loudly, with what to do, instead of a broadcast or a device-side assert) ------------
+    def _forward_checked(self, params: fn.Params, x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:
+        """The first forward of a call: an input the model cannot take, or targets that do not fit, raise."""
+        try:
+            out = self.forward_batched(params, x)
+        except RuntimeError as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, torch.OutOfMemoryError) or not any(w in text for w in _SHAPE_WORDS):
+                raise
+            raise ValueError(f"{which}_x of shape {list(x.shape)} does not fit {type(self.model).__name__} "
+                             f"(inputs are [T, N, *x_shape]): {text[:200]}") from e
+        self._check_targets(out, y, which)
+        return out
+
+    def _check_targets(self, out: torch.Tensor, y: torch.Tensor, which: str) -> None:
+        """Targets against the model's output: dtype and shape, and class ids within 0..ways-1 (one sync)."""
+        if self.loss_kind == "cross_entropy":
+            if y.is_floating_point():
+                raise ValueError(f"{which}_y is {y.dtype}: cross-entropy needs int64 class ids 0..ways-1 "
+                                 "(float targets are regression: use loss='mse')")
+            if y.shape != out.shape[:-1]:
+                raise ValueError(f"{which}_y has shape {list(y.shape)} but the model's output is {list(out.shape)}: "
+                                 "expected class ids of shape [T, N]")
+            if y.numel():
+                low, high = (int(v) for v in torch.aminmax(y))
+                if low < 0 or high >= out.shape[-1]:
+                    raise ValueError(f"{which}_y holds class ids {low}..{high} but the model has {out.shape[-1]} "
+                                     f"outputs: labels must lie in 0..{out.shape[-1] - 1} (build the model with "
+                                     "as many outputs as ways)")
+        elif not y.is_floating_point() or y.shape != out.shape:
+            raise ValueError(f"{which}_y is {y.dtype} {list(y.shape)} but the model's output is {list(out.shape)}: "
+                             "mse needs float targets of the same shape [T, N, out_dim]")
+
     # -- the inner loop ----------------------------------------------------------------------------------------
     def _inner_loop(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, create_graph: bool,
-                    keep_graph: bool, query: tuple[torch.Tensor, torch.Tensor] | None = None):
+                    keep_graph: bool, query: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    task_params: fn.Params | None = None):
         """Adapt T tasks at once. Returns (fast params ``[T, *shape]``, per-step query losses, diagnostics).
 
         ``keep_graph=False`` (evaluation) detaches after every step so no graph survives a step.
         ``query`` given: the query loss after every step is also returned (multi-step loss).
+        ``task_params`` given: the starting parameters ``[T, *shape]`` (default: θ expanded to T tasks).
         """
         T = support_x.shape[0]
-        theta = self.meta_params()
-        if not keep_graph:
-            theta = {n: p.detach() for n, p in theta.items()}
-        fast = fn.expand_tasks(theta, T)
+        if task_params is None:
+            theta = self.meta_params()
+            if not keep_graph:
+                theta = {n: p.detach() for n, p in theta.items()}
+            fast = fn.expand_tasks(theta, T)
+        else:
+            fast = dict(task_params)
         ctx = InnerContext(self, support_x, support_y, self.adapted, create_graph)
         states = [p.init_task(ctx) for p in self.plugins]
         step_losses = []
@@ -147,7 +207,9 @@ class MAML(nn.Module):
                 extras.append(ex)
             for n in self.adapted:
                 params[n] = _needs_grad(params[n])
-            support_loss = self.loss_of(self.forward_batched(params, support_x), support_y)
+            out = self._forward_checked(params, support_x, support_y, "support") if step == 0 \
+                else self.forward_batched(params, support_x)
+            support_loss = self.loss_of(out, support_y)
             inputs = [params[n] for n in self.adapted] + [v for ex in extras for v in ex.values()]
             # First order frees the support graph, except where an extra's gradient runs through nodes the
             # query still needs (e.g. CxGrad's context reaches θ through its rescaled weights).
@@ -192,16 +254,74 @@ class MAML(nn.Module):
         """
         first_order = self.first_order or (iteration is not None and iteration < self.first_order_iterations)
         msl = self._msl_weights(self.inner_steps, iteration)
+        if self.memory != "graph" and not self.plugins and msl is None and torch.is_grad_enabled():
+            return self._meta_loss_lean(batch, first_order)
         query = (batch.query_x, batch.query_y) if msl is not None else None
         fast, step_losses, diag = self._inner_loop(batch.support_x, batch.support_y, self.inner_steps,
                                                    create_graph=not first_order, keep_graph=True, query=query)
         return self._outer(batch, fast, diag, create_graph=not first_order, step_losses=step_losses, msl=msl)
+
+    def _meta_loss_lean(self, batch: TaskBatch, first_order: bool) -> MetaLossOutput:
+        """The classic objective (no plug-ins), task chunk by task chunk, each chunk's meta-gradient taken at once.
+
+        Task t's query loss depends on θ only through task t's copy of θ, so its gradient w.r.t. θ is row t of
+        the gradient w.r.t. a ``[T, *shape]`` copy of θ. Each chunk's graph is freed as soon as its rows are
+        taken, and the returned task losses carry them (:class:`~metagrad.functional.PrecomputedGrad`): the
+        backward only weights the rows. Same gradients as the graph, the peak memory of one chunk, no
+        recomputation. Chunks are sized from the bytes the first task's graph saves (``LEAN_CHUNK_BYTES``).
+        """
+        T, theta = len(batch), self.meta_params()
+        names = [n for n, p in theta.items() if p.requires_grad]
+        shared = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in theta.values())]
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        shared_sum: list[torch.Tensor | None] = [None] * len(shared)
+        losses, samples, accs, diags = [], [], [], []
+        start, chunk = 0, self.task_chunk or 1
+        while start < T:
+            sub = batch.select(slice(start, start + chunk))
+            C = len(sub)
+            copies = {n: p.detach().unsqueeze(0).expand(C, *p.shape).clone().requires_grad_(p.requires_grad)
+                      for n, p in theta.items()}
+            probe, saved = fn.saved_bytes()
+            with torch.enable_grad(), probe if self.task_chunk is None and start == 0 else contextlib.nullcontext():
+                fast, _, diag = self._inner_loop(sub.support_x, sub.support_y, self.inner_steps,
+                                                 create_graph=not first_order, keep_graph=True, task_params=copies)
+                out = self.forward_batched(fast, sub.query_x)
+                self._check_targets(out, sub.query_y, "query")
+                sample = self.loss_of(out, sub.query_y, per_sample=True)
+            loss = sample.mean(dim=1)
+            # Seeded with the weights of out.loss = mean over tasks, 1/T (as MeanBackward forms them): the rows
+            # then sum to the bits the whole-batch graph gives.
+            seed = torch.ones(C, dtype=loss.dtype, device=loss.device) / T
+            grads = torch.autograd.grad(loss, [copies[n] for n in names] + shared, seed, allow_unused=True)
+            for n, g in zip(names, grads):
+                rows[n].append(torch.zeros_like(copies[n]) if g is None else g)
+            for i, g in enumerate(grads[len(names):]):
+                if g is not None:
+                    shared_sum[i] = g if shared_sum[i] is None else shared_sum[i] + g
+            losses.append(loss.detach())
+            samples.append(sample.detach())
+            if sub.is_classification:
+                accs.append(task_accuracy(out.detach(), sub.query_y))
+            diags.append((C, diag))
+            del fast, out, sample, loss, grads, copies
+            start += C
+            if self.task_chunk is None and start == C:   # size the remaining chunks from the first task's graph
+                budget = LEAN_CHUNK_BYTES.get(batch.support_x.device.type, LEAN_CHUNK_BYTES["cpu"])
+                chunk = max(1, min(T, budget // max(saved[0], 1)))
+        task_losses = fn.PrecomputedGrad.apply(torch.cat(losses), 1.0 / T, [torch.cat(rows[n]) for n in names],
+                                               shared_sum, *[theta[n] for n in names], *shared)
+        query_loss = task_losses.mean()
+        acc = torch.cat(accs) if accs else None
+        return MetaLossOutput(query_loss, query_loss, None if acc is None else acc.mean(), task_losses, acc,
+                              torch.cat(samples), _mean_diagnostics(diags, T))
 
     def _outer(self, batch: TaskBatch, fast: fn.Params, diag: dict, create_graph: bool,
                step_losses: list[torch.Tensor] | None = None, msl: torch.Tensor | None = None,
                outer_terms: bool = True) -> MetaLossOutput:
         out = self.forward_batched(fast, batch.query_x, self.needs_features)
         out, feats = out if self.needs_features else (out, None)
+        self._check_targets(out, batch.query_y, "query")
         samples = self.loss_of(out, batch.query_y, per_sample=True)
         task_losses = samples.mean(dim=1)
         query_loss = task_losses.mean()
@@ -253,6 +373,23 @@ class MAML(nn.Module):
 
     def forward(self, batch: TaskBatch, iteration: int | None = None) -> MetaLossOutput:
         return self.meta_loss(batch, iteration)
+
+
+def _mean_diagnostics(parts: list[tuple[int, dict]], total: int) -> dict:
+    """Per-chunk diagnostics (task means) → meta-batch means, weighted by chunk size."""
+    if len(parts) == 1:
+        return parts[0][1]
+
+    def combine(values: list, weights: list[float]):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() == 0:
+            return sum(w * v for w, v in zip(weights, values)) / total
+        if isinstance(first, dict):
+            return {k: combine([v[k] for v in values], weights) for k in first}
+        return first   # anything else: the first chunk's value
+
+    keys = parts[0][1].keys()
+    return {k: combine([d[k] for _, d in parts], [float(c) for c, _ in parts]) for k in keys}
 
 
 def _needs_grad(t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ description (``shared/specs/trlearner.md``), not a reproduction of the authors' 
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,6 +118,13 @@ class TRLearner(Plugin):
             # Ask for query features so P_ii can reuse them when the probes are the whole query set. Correct
             # either way: without them (a core that reads the flag before attach) P_ii takes its own forward.
             self.needs_features = True
+            body = [n for n in learner.adapted if not n.startswith(f"{head}.")]
+            if not body:
+                # ANIL: the features are the same function of θ for every task, so P_ij = P_ii and the
+                # row-normalised mix equals P_ii: the term is exactly zero. Allowed (the spec lists ANIL), but said.
+                warnings.warn("TRLearner on classification with adapt='head': the features do not depend on the "
+                              "adapted head, so the relation term is identically zero; use adapt='all' or "
+                              "'no_norm' for it to act", stacklevel=3)
         else:
             self._head_names = tuple(f"{head}.{n}" if head else n for n, _ in lin.named_parameters())
             d = sum(p.numel() for p in lin.parameters())

@@ -1,0 +1,287 @@
+"""The fast paths equal the plain per-task functional loop (float64, 1e-10 relative).
+
+Fast paths under test: Conv4's forward (first block fused conv+BatchNorm on unfolded patches, pooling before
+the ReLU, channels-last layout), the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
+``forward_batched``, and the learner's ``memory="lean"`` meta-loss (task chunks whose meta-gradients are taken
+inside ``meta_loss``). The reference is written from the layer definitions, independent of metagrad's code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metagrad import MAML, TaskBatch
+from metagrad import functional as fn
+from metagrad import maml as maml_module
+from metagrad.models import MLP, Conv4
+
+REL = 1e-10
+
+
+def conv4_reference(params: dict[str, torch.Tensor], x: torch.Tensor, pool: str = "max") -> torch.Tensor:
+    """Conv4 from its definition: conv → BatchNorm (batch statistics) → ReLU → MaxPool, then a Linear head."""
+    for i in range(4):
+        p = f"blocks.{i}."
+        x = F.conv2d(x, params[p + "conv.weight"], params.get(p + "conv.bias"), padding=1)
+        x = F.batch_norm(x, None, None, params[p + "bn.weight"], params[p + "bn.bias"], training=True, eps=1e-5)
+        x = torch.relu(x)
+        if pool == "max":
+            x = F.max_pool2d(x, 2)
+    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
+
+
+def reference(forward, theta, batch, lr, steps, first_order, loss_fn, adapt=None):
+    """Loss and meta-gradient of a per-task unrolled loop (no metagrad code)."""
+    adapt = list(theta) if adapt is None else adapt
+    total = 0.0
+    for t in range(len(batch)):
+        fast = dict(theta)
+        for _ in range(steps):
+            loss = loss_fn(forward(fast, batch.support_x[t]), batch.support_y[t])
+            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
+            fast = {**fast, **{n: fast[n] - lr * g for n, g in zip(adapt, grads)}}
+        total = total + loss_fn(forward(fast, batch.query_x[t]), batch.query_y[t])
+    total = total / len(batch)
+    return total, torch.autograd.grad(total, list(theta.values()))
+
+
+def assert_rel(got, want, rel=REL):
+    """Per tensor: max|a − b| / max|b| < rel. Tensors whose gradient is zero in exact arithmetic (a conv bias
+    that BatchNorm cancels) are scaled by 1e-3 of the largest gradient instead of their rounding noise."""
+    overall = max(b.abs().max().item() for b in want)
+    for n, (a, b) in enumerate(zip(got, want)):
+        scale = max(b.abs().max().item(), 1e-3 * overall, 1e-300)
+        err = (a - b).abs().max().item() / scale
+        assert err < rel, (n, err)
+
+
+def images(T=3, ways=3, shots=1, queries=2, size=28, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).clone()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(T, -1).clone()
+    return TaskBatch(torch.rand(T, ways * shots, channels, size, size, generator=g, dtype=torch.float64), ys,
+                     torch.rand(T, ways * queries, channels, size, size, generator=g, dtype=torch.float64), yq)
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """float64, with BatchNorm affine parameters away from (1, 0) so every term of the algebra is exercised."""
+    torch.manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bn." in n:
+                p.copy_((1.0 if n.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+    return model
+
+
+# -- Conv4's forward -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels,size,bias,pool", [(1, 28, False, "max"), (3, 32, False, "max"),
+                                                     (1, 28, True, "max"), (1, 12, False, "none")])
+def test_conv4_forward_and_double_backward_match_definition(channels, size, bias, pool):
+    model = randomised(Conv4(channels, ways=4, width=6, bias=bias, pool=pool, image_size=size))
+    x = torch.rand(5, channels, size, size, dtype=torch.float64)
+    theta = dict(model.named_parameters())
+    out, ref = model(x), conv4_reference(theta, x, pool)
+    assert_rel([out], [ref])
+    g = torch.autograd.grad(out.square().sum(), list(theta.values()), create_graph=True)
+    gr = torch.autograd.grad(ref.square().sum(), list(theta.values()), create_graph=True)
+    assert_rel(g, gr)
+    hv = torch.autograd.grad(sum((a * a).sum() for a in g), list(theta.values()))
+    hvr = torch.autograd.grad(sum((a * a).sum() for a in gr), list(theta.values()))
+    assert_rel(hv, hvr)
+
+
+def test_conv4_fused_block_steps_aside_for_hooks():
+    model = randomised(Conv4(1, ways=3, width=4))
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    fused = model(x)
+    calls = []
+    handle = model.blocks[0].conv.register_forward_hook(lambda *a: calls.append(1))
+    hooked = model(x)
+    handle.remove()
+    assert calls == [1]
+    assert_rel([hooked], [fused])
+
+
+def test_conv4_features_and_map_keep_their_meaning():
+    model = randomised(Conv4(1, ways=3, width=4))
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    out, feats = model(x, return_features=True)
+    assert feats.shape == (4, 4) and torch.allclose(out, model.head(feats), rtol=1e-12)
+    if "map" in Conv4.forward.__code__.co_consts or hasattr(model, "map_shape"):
+        out_m, fmap = model(x, return_features="map")
+        assert_rel([out_m], [out])
+        assert fmap.shape == (4, *model.map_shape)
+
+
+# -- the learner's fast paths against the reference loop ---------------------------------------------------------
+@pytest.mark.parametrize("memory", ["lean", "graph"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_conv4_meta_gradient_matches_reference_loop(memory, first_order, steps):
+    model = randomised(Conv4(1, ways=3, width=4))
+    batch = images(T=3)
+    learner = MAML(model, inner_lr=0.4, inner_steps=steps, first_order=first_order, memory=memory)
+    out = learner.meta_loss(batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    ref_loss, ref = reference(conv4_reference, dict(model.named_parameters()), batch, 0.4, steps, first_order,
+                              F.cross_entropy)
+    assert torch.allclose(out.loss, ref_loss, rtol=REL)
+    assert_rel(grads, ref)
+
+
+@pytest.mark.parametrize("adapt", ["head", "no_norm"])
+def test_conv4_partial_adaptation_matches_reference_loop(adapt):
+    model = randomised(Conv4(3, ways=3, width=4, image_size=32))
+    batch = images(T=2, size=32, channels=3)
+    learner = MAML(model, inner_lr=0.3, inner_steps=2, adapt=adapt)
+    out = learner.meta_loss(batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    _, ref = reference(conv4_reference, dict(model.named_parameters()), batch, 0.3, 2, False, F.cross_entropy,
+                       adapt=list(learner.adapted))
+    assert_rel(grads, ref)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_batched_meta_gradient_matches_reference_loop(first_order):
+    torch.manual_seed(0)
+    model = MLP(1, (16, 16), 1).double()
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(*(torch.randn(5, n, 1, generator=g, dtype=torch.float64) for n in (4, 4, 6, 6)))
+    learner = MAML(model, inner_lr=0.05, inner_steps=3, first_order=first_order, loss="mse")
+    out = learner.meta_loss(batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    ref_loss, ref = reference(lambda p, x: functional_call(model, p, (x,)), dict(model.named_parameters()), batch,
+                              0.05, 3, first_order, F.mse_loss)
+    assert torch.allclose(out.loss, ref_loss, rtol=REL)
+    assert_rel(grads, ref)
+
+
+def test_forward_batched_loop_equals_per_task_calls():
+    model = randomised(Conv4(1, ways=3, width=4))
+    batch = images(T=3)
+    theta = fn.meta_params(model)
+    params = {n: torch.stack([p + 0.01 * t for t in range(3)]) for n, p in theta.items()}
+    out, feats = fn.forward_batched(model, params, batch.query_x, return_features=True)
+    for t in range(3):
+        o, f = functional_call(model, fn.task_slice(params, t), (batch.query_x[t],), {"return_features": True})
+        assert torch.equal(out[t], o) and torch.equal(feats[t], f)
+    with pytest.raises(ValueError, match="tasks"):
+        fn.forward_batched(model, params, batch.query_x[:2])
+
+
+# -- memory="lean" against memory="graph" -------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [3, 4])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_lean_equals_graph_bit_for_bit(T, first_order):
+    model = randomised(Conv4(1, ways=3, width=4))
+    batch = images(T=T)
+    outs = {}
+    for memory in ("lean", "graph"):
+        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=first_order, memory=memory)
+        out = learner.meta_loss(batch)
+        outs[memory] = out, torch.autograd.grad(out.loss, list(model.parameters()))
+    (lean, lg), (graph, gg) = outs["lean"], outs["graph"]
+    assert torch.equal(lean.loss, graph.loss) and torch.equal(lean.task_losses, graph.task_losses)
+    assert torch.equal(lean.sample_losses, graph.sample_losses)
+    assert torch.equal(lean.task_accuracies, graph.task_accuracies)
+    assert all(torch.equal(a, b) for a, b in zip(lg, gg))
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_lean_chunks_give_the_same_meta_gradient(chunk, monkeypatch):
+    model = randomised(Conv4(1, ways=3, width=4))
+    batch = images(T=5)
+    graph = MAML(model, inner_lr=0.4, inner_steps=2, memory="graph")
+    want = torch.autograd.grad(graph.meta_loss(batch).loss, list(model.parameters()))
+    lean = MAML(model, inner_lr=0.4, inner_steps=2, task_chunk=chunk)
+    out = lean.meta_loss(batch)
+    assert_rel(torch.autograd.grad(out.loss, list(model.parameters())), want, 1e-12)
+    assert set(out.diagnostics) >= {"support_loss", "inner_grad_norm"}
+    # Automatic chunks: a budget below one task's graph gives one task per chunk.
+    monkeypatch.setitem(maml_module.LEAN_CHUNK_BYTES, "cpu", 1)
+    auto = MAML(model, inner_lr=0.4, inner_steps=2)
+    out = auto.meta_loss(batch)
+    assert_rel(torch.autograd.grad(out.loss, list(model.parameters())), want, 1e-12)
+    assert torch.allclose(out.diagnostics["support_loss"], graph.meta_loss(batch).diagnostics["support_loss"],
+                          rtol=1e-12)
+
+
+def test_lean_task_losses_take_any_weights():
+    model = randomised(Conv4(1, ways=3, width=4))
+    batch = images(T=3)
+    w = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)
+    outs = [MAML(model, inner_lr=0.4, memory=m, task_chunk=1).meta_loss(batch) for m in ("lean", "graph")]
+    got, want = (torch.autograd.grad((w * o.task_losses).sum(), list(model.parameters())) for o in outs)
+    assert_rel(got, want, 1e-12)
+
+
+def test_lean_learned_inner_rates_match_graph():
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    g = torch.Generator().manual_seed(2)
+    batch = TaskBatch(*(torch.randn(3, n, 1, generator=g, dtype=torch.float64) for n in (5, 5, 7, 7)))
+    grads = {}
+    for memory in ("lean", "graph"):
+        learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr="per_step",
+                       memory=memory, task_chunk=2).double()
+        grads[memory] = torch.autograd.grad(learner.meta_loss(batch).loss, list(learner.parameters()))
+    assert_rel(grads["lean"], grads["graph"], 1e-12)
+    learner = MAML(model, inner_lr=0.05, loss="mse", learn_inner_lr="per_step").double()
+    out = learner.meta_loss(batch)
+    with pytest.raises(RuntimeError, match="uniformly"):
+        torch.autograd.grad((torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * out.task_losses).sum(),
+                            list(learner.parameters()))
+
+
+def test_lean_refuses_double_differentiation_and_plugins():
+    model = randomised(Conv4(1, ways=3, width=4))
+    out = MAML(model, inner_lr=0.4).meta_loss(images(T=2))
+    (g, *_) = torch.autograd.grad(out.loss, list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), list(model.parameters()))
+    from metagrad import Plugin
+
+    with pytest.raises(ValueError, match="plug-ins"):
+        MAML(model, memory="lean", plugins=[Plugin()])
+    with pytest.raises(ValueError, match="memory"):
+        MAML(model, memory="small")
+
+
+def held_saved_bytes():
+    """A saved_tensors_hooks context and a function giving the bytes of saved tensors still held by a graph."""
+    import weakref
+
+    alive: dict[int, int] = {}
+
+    def pack(t):
+        box = _Box(t.detach())   # detached: holding a saved output would keep its node alive (a cycle)
+        key = id(box)
+        alive[key] = t.untyped_storage().nbytes()
+        weakref.finalize(box, alive.pop, key, None)
+        return box
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t), lambda: sum(alive.values())
+
+
+class _Box:
+    def __init__(self, t):
+        self.t = t
+
+
+def test_lean_holds_no_graph_after_meta_loss():
+    """What autograd still holds once meta_loss returns: nothing in lean mode, every task's graph in graph mode."""
+    model = randomised(Conv4(1, ways=3, width=8))
+    batch = images(T=6, queries=5)
+    held = {}
+    for memory in ("lean", "graph"):
+        probe, alive = held_saved_bytes()
+        with probe:
+            out = MAML(model, inner_lr=0.4, memory=memory, task_chunk=1).meta_loss(batch)
+        held[memory] = alive()
+        out.loss.backward()
+    assert held["graph"] > 1e6 and held["lean"] == 0, held
