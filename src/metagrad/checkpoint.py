@@ -1,26 +1,31 @@
-"""Checkpoints that survive a kill: atomic writes, RNG capture, one-line errors on corrupt files.
+"""Checkpoints that survive a kill: atomic writes, a checksum, the last K kept, RNG capture, one-line errors.
 
-A run directory holds ``checkpoint.pt``, the latest good checkpoint. It is written to a temporary file in the
-same directory, flushed and fsync'ed, then moved over the old one with ``os.replace`` (atomic on POSIX), so
-a kill at any moment leaves either the previous or the new checkpoint, never half of one.
+A run directory holds ``checkpoint.pt``, the latest good checkpoint (a plain ``torch.save`` dict), and the
+last K checkpoints as ``checkpoint-<iteration>.pt`` (the newest is a second copy of ``checkpoint.pt``). Every
+file is written to a temporary file in the same directory, flushed and fsync'ed, then moved into place with
+``os.replace`` (atomic on POSIX), so a kill or a power cut at any moment leaves the previous or the new file,
+never half of one. ``checkpoint.pt`` is written before the numbered copy, so it is never older than one.
 
-Reading goes through :func:`candidates`, the checkpoints of a run newest first. Today that is the one file;
-keeping the last K (``checkpoint-<iteration>.pt``) and falling back to an older one when the newest is
-corrupt only needs :func:`save` to also write the numbered copy and :func:`load_latest` to try the next
-candidate instead of raising.
+Each checkpoint carries ``"checksum"``: a sha256 over its contents (every tensor's bytes, dtype and shape,
+every plain value), computed on the tensors themselves rather than the file bytes, so it is the same on any
+platform and for any ``map_location``. Reading goes through :func:`candidates`, newest first;
+:func:`load_latest` skips a missing, truncated, incomplete or checksum-failing checkpoint with a
+:class:`CheckpointWarning` and returns the previous good one.
 
 Example:
-    >>> save(run_dir, {"learner": learner.state_dict(), "iteration": 10, "rng": rng_state()})
-    >>> state = load_latest(run_dir)        # CheckpointError (one line) if missing or corrupt
+    >>> save(run_dir, {"learner": learner.state_dict(), "iteration": 10, "rng": rng_state()}, keep=3)
+    >>> state = load_latest(run_dir)        # CheckpointError (one line) if no checkpoint is usable
     >>> set_rng_state(state["rng"])
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import pickle
 import random
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,10 +34,16 @@ import torch
 
 FILENAME = "checkpoint.pt"
 REQUIRED = ("learner", "optimizer", "iteration", "rng", "config")
+CHECKSUM = "checksum"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
     """A missing, unreadable or incomplete checkpoint; the message is one line."""
+
+
+class CheckpointWarning(UserWarning):
+    """The newest checkpoint was unusable and an older good one is used instead."""
 
 
 def path_of(run_dir: str | Path) -> Path:
@@ -40,27 +51,91 @@ def path_of(run_dir: str | Path) -> Path:
     return Path(run_dir) / FILENAME
 
 
+def numbered_path(run_dir: str | Path, iteration: int) -> Path:
+    """Where the kept copy of the checkpoint at ``iteration`` lives."""
+    return Path(run_dir) / f"checkpoint-{int(iteration):08d}.pt"
+
+
+def numbered(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The kept ``checkpoint-<iteration>.pt`` files of a run as ``(iteration, path)``, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NUMBERED.match(p.name)) and p.is_file()]
+    return sorted(found, reverse=True)
+
+
 def candidates(run_dir: str | Path) -> list[Path]:
-    """Existing checkpoints of a run, newest first (the seam for keep-last-K)."""
+    """Existing checkpoints of a run, newest first: ``checkpoint.pt``, then the kept copies by iteration."""
     p = path_of(run_dir)
-    return [p] if p.is_file() else []
+    return ([p] if p.is_file() else []) + [q for _, q in numbered(run_dir)]
 
 
-def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically as the run's checkpoint; returns its path."""
+def checksum(state: Any) -> str:
+    """sha256 over a checkpoint's contents (tensors by dtype, shape and bytes; plain values by repr)."""
+    h = hashlib.sha256()
+    _digest(state, h)
+    return h.hexdigest()
+
+
+def _digest(obj: Any, h: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        items = sorted(((k, v) for k, v in obj.items() if k != CHECKSUM), key=lambda kv: repr(kv[0]))
+        h.update(f"D{len(items)}".encode())
+        for k, v in items:
+            h.update(repr(k).encode())
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):  # pickling may turn one into the other: hash both alike
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r};".encode())
+
+
+def save(run_dir: str | Path, state: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``state`` (plus its checksum) atomically as the run's checkpoint; returns its path.
+
+    ``keep`` > 0 also writes ``checkpoint-<iteration>.pt`` and deletes all but the newest ``keep`` of those.
+    """
+    buf = io.BytesIO()
+    torch.save({**state, CHECKSUM: checksum(state)}, buf)
+    data = buf.getvalue()
     target = path_of(run_dir)
+    write_atomic(target, data)
+    if keep > 0 and "iteration" in state:
+        write_atomic(numbered_path(run_dir, state["iteration"]), data)
+        for _, old in numbered(run_dir)[keep:]:
+            old.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+    return target
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """``data`` into ``target`` through a temporary file in the same folder: fsync'ed, then renamed into place."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(target.parent)
-    return target
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files a killed process left behind in ``run_dir``; returns them."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(".*.tmp-*") if p.is_file()] if run_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,23 +160,55 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> d
     try:
         # weights_only: a checkpoint is tensors and plain containers only, so loading one runs no code.
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]}); "
                               "restore it from a copy or start a new run") from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (missing {', '.join(missing)})")
+    # Checkpoints written before checksums existed have none: they are accepted as they are.
+    if CHECKSUM in state and checksum(state) != state[CHECKSUM]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match its sha256 "
+                              "checksum; restore it from a copy or start a new run")
     return state
 
 
-def load_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
-    """The newest usable checkpoint of ``run_dir``; CheckpointError if there is none."""
+def find_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu"
+                ) -> tuple[Path, dict[str, Any], list[CheckpointError]]:
+    """The newest usable checkpoint as ``(path, state, errors of the newer unusable ones)``.
+
+    Raises:
+        CheckpointError: there is no checkpoint, or none is usable (the newest one's problem is named).
+    """
     found = candidates(run_dir)
     if not found:
         raise CheckpointError(f"no checkpoint in {str(run_dir)!r} ({FILENAME} is missing): nothing to resume; "
                               "start over in another directory")
-    return load(found[0], map_location)
+    errors: list[CheckpointError] = []
+    if not path_of(run_dir).is_file():  # only kept copies: checkpoint.pt itself was lost
+        errors.append(CheckpointError(f"{FILENAME} is missing"))
+    for path in found:
+        try:
+            return path, load(path, map_location), errors
+        except CheckpointError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    raise CheckpointError(f"{errors[0]} (and the {len(errors) - 1} older kept checkpoints are unusable too)")
+
+
+def load_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """The newest usable checkpoint of ``run_dir``, warning when a newer one had to be skipped."""
+    path, state, errors = find_latest(run_dir, map_location)
+    if errors:
+        warnings.warn(fallback_message(path, state, errors), CheckpointWarning, stacklevel=2)
+    return state
+
+
+def fallback_message(path: Path, state: dict[str, Any], errors: list[CheckpointError]) -> str:
+    return (f"{len(errors)} newer checkpoint(s) unusable ({errors[0]}); using the previous good one, "
+            f"{path.name} (iteration {int(state['iteration'])})")
 
 
 # --------------------------------------------------------------------------------------------- RNG states
@@ -129,4 +236,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["CheckpointError", "candidates", "load", "load_latest", "path_of", "rng_state", "save", "set_rng_state"]
+__all__ = ["CheckpointError", "CheckpointWarning", "candidates", "checksum", "find_latest", "load", "load_latest",
+           "numbered", "numbered_path", "path_of", "remove_temporaries", "rng_state", "save", "set_rng_state",
+           "write_atomic"]
