@@ -1,0 +1,277 @@
+"""Studies: a named grid of presets × methods × seeds, run cell by cell (resumable), then reported.
+
+A study is a small TOML file in ``metagrad/configs/studies/`` (or any ``.toml`` path)::
+
+    description = "MAML and the plug-ins on sinusoid regression, CPU budget"
+    presets = ["sinusoid-5shot", "sinusoid-10shot"]
+    methods = ["maml", "meta_gna", "cxgrad", "trlearner", "cml", "meta_gna+trlearner+cml"]
+    seeds = 3
+    set = ["train.iterations=5000"]               # every cell: equal budgets per benchmark
+    [preset_set]                                  # per preset (optional)
+    "omniglot-5w1s" = ["train.iterations=2000"]
+    [method_set]                                  # per method (optional), e.g. CxGrad's BN affine outer-only
+    cxgrad = ["maml.adapt=no_norm"]
+    [cross_domain]                                # after training, also evaluate on these benchmarks
+    "omniglot-5w1s" = ["mnist"]
+
+A method is ``maml`` (no plug-in) or plug-in keys joined by ``+`` (applied in that order); every cell is the
+preset with ``plugins=...`` and ``train.seed=k`` set, so no preset file per method is needed. Cell ``(preset,
+method, k)`` runs into ``<out>/<preset>/<method label>/seed<k>`` (label: the sorted keys joined by ``+``).
+
+Resuming: a cell whose ``eval.json`` holds its final evaluation is skipped; a cell with a checkpoint continues
+from it; a cell killed before its first checkpoint starts again. A combination the model cannot take (CxGrad
+on an MLP) is recorded as N/A with the reason and skipped. ``<out>/study.json`` keeps the status of every
+cell; the report reads it to show the N/A rows.
+
+Example:
+    >>> result = run_study("issue7-cpu", "runs/study-issue7-cpu", seeds=3, jobs=2)
+    >>> result.report    # runs/study-issue7-cpu/report/report.md
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as C
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+STUDY_DIR = C.PRESET_DIR / "studies"
+MANIFEST = "study.json"
+_KEYS = ("description", "presets", "methods", "seeds", "set", "preset_set", "method_set", "cross_domain")
+
+
+@dataclass
+class Study:
+    """A grid of presets × methods × seeds with the overrides that make its budgets equal."""
+
+    name: str
+    presets: list[str]
+    methods: list[str]
+    seeds: int = 3
+    set: list[str] = field(default_factory=list)                      # overrides of every cell
+    preset_set: dict[str, list[str]] = field(default_factory=dict)    # overrides per preset
+    method_set: dict[str, list[str]] = field(default_factory=dict)    # overrides per method (plug-in key or label)
+    cross_domain: dict[str, list[str]] = field(default_factory=dict)  # preset → benchmarks also evaluated on
+    description: str = ""
+
+
+@dataclass
+class Cell:
+    preset: str
+    method: str        # label: "maml" or the sorted plug-in keys joined by "+"
+    plugins: list[str]  # in the order given by the study
+    seed: int
+    run_dir: str
+
+
+@dataclass
+class StudyResult:
+    out_dir: Path
+    cells: list[dict[str, Any]]
+    report: Path | None = None
+
+
+def studies() -> list[str]:
+    """Names of the studies shipped with the package."""
+    return sorted(p.stem for p in STUDY_DIR.glob("*.toml"))
+
+
+def method_plugins(method: str) -> list[str]:
+    """``"maml"`` → ``[]``; ``"meta_gna+cml"`` → ``["meta_gna", "cml"]``."""
+    keys = [k.strip() for k in method.split("+") if k.strip()]
+    return [] if keys in ([], ["maml"]) else keys
+
+
+def method_label(plugins: Sequence[str]) -> str:
+    """The row name of a set of plug-ins: ``maml`` or the sorted keys joined by ``+``."""
+    return "+".join(sorted(plugins)) or "maml"
+
+
+def load_study(name_or_path: str) -> Study:
+    """A study by name (``metagrad/configs/studies/NAME.toml``) or ``.toml`` path; ConfigError if bad."""
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix == ".toml" or path.is_file()):
+        path = STUDY_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise C.ConfigError(f"unknown study {name_or_path!r}: choose one of {', '.join(studies()) or '(none)'} "
+                                "or pass a .toml path")
+    if not path.is_file():
+        raise C.ConfigError(f"study file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise C.ConfigError(f"{path}: not valid TOML ({e})") from e
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise C.ConfigError(f"{path}: unknown study keys {', '.join(unknown)} (known: {', '.join(_KEYS)})")
+    for key in ("presets", "methods"):
+        if not raw.get(key) or not all(isinstance(v, str) for v in raw[key]):
+            raise C.ConfigError(f"{path}: {key!r} must be a non-empty list of names")
+    study = Study(name=path.stem, **raw)
+    if study.seeds < 1:
+        raise C.ConfigError(f"{path}: seeds must be >= 1, got {study.seeds}")
+    return study
+
+
+def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[Cell]:
+    """The grid, preset-major (every method and seed of the first preset first)."""
+    n = study.seeds if seeds is None else seeds
+    grid = []
+    for preset in study.presets:
+        for method in study.methods:
+            plugins = method_plugins(method)
+            label = method_label(plugins)
+            for k in range(n):
+                grid.append(Cell(preset, label, plugins, k, str(Path(out_dir) / preset / label / f"seed{k}")))
+    return grid
+
+
+def cell_config(study: Study, cell: Cell, overrides: Sequence[str] = ()) -> C.Config:
+    """The resolved config of a cell: preset, study overrides, plug-ins, seed, then the command line's."""
+    per_method = [*study.method_set.get(cell.method, [])]
+    for key in cell.plugins:
+        if key != cell.method:
+            per_method += study.method_set.get(key, [])
+    return C.resolve(cell.preset, [*study.set, *study.preset_set.get(cell.preset, []),
+                                   f"plugins={','.join(cell.plugins)}", *per_method,
+                                   f"train.seed={cell.seed}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+def _done(cfg: C.Config, run_dir: Path) -> bool:
+    from .evaluation import read_records
+
+    return any(r.get("iteration") == cfg.train.iterations and r.get("split") == cfg.eval.split
+               and r.get("benchmark", cfg.benchmark.name) == cfg.benchmark.name for r in read_records(run_dir))
+
+
+def check_cell(cfg: C.Config) -> str | None:
+    """None if the learner can be built for this cell, else the reason it cannot (N/A)."""
+    from .evaluation import make_benchmark, make_learner
+
+    try:
+        bench = make_benchmark(cfg, "train", cfg.train.seed, cfg.train.meta_batch_size)
+    except (ValueError, OSError) as e:
+        return f"benchmark unavailable: {' '.join(str(e).split())}"
+    try:
+        make_learner(cfg, bench)
+    except (ValueError, TypeError) as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagnostics: bool = True,
+             progress: bool = False) -> dict[str, Any]:
+    """Train (or resume, or skip) one cell; returns its status record. Never raises for a failing run."""
+    from . import checkpoint as ckpt
+    from .diagnostics import read_diagnostics, write_diagnostics
+    from .evaluation import evaluate_run, read_records
+    from .train import RUN_FILES, train
+
+    run_dir = Path(cell.run_dir)
+    record: dict[str, Any] = {**asdict(cell), "status": "", "reason": ""}
+    reason = check_cell(cfg)
+    if reason is not None:
+        return {**record, "status": "n/a", "reason": reason}
+    start = time.perf_counter()
+    try:
+        if _done(cfg, run_dir):
+            record["status"] = "skipped (done)"
+        else:
+            resume = ckpt.path_of(run_dir).is_file()
+            if not resume:  # killed before its first checkpoint: start again
+                for name in RUN_FILES:
+                    (run_dir / name).unlink(missing_ok=True)
+            train(cfg, run_dir, resume=resume, progress=progress)
+            record["status"] = "resumed" if resume else "trained"
+        have = {r.get("benchmark") for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations}
+        for name in cross_domain:
+            if name not in have:
+                evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
+        diag = read_diagnostics(run_dir)
+        if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations):
+            write_diagnostics(run_dir)
+    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid; recorded in study.json
+        return {**record, "status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _run_cell_job(args: tuple[Cell, C.Config, list[str]]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    return run_cell(*args)
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int | None = None,
+              overrides: Sequence[str] = (), jobs: int = 1, report: bool = True, progress: bool = True,
+              command: str | None = None) -> StudyResult:
+    """Run every cell of ``study`` into ``out_dir`` (default ``runs/study-NAME``), then write the report.
+
+    Args:
+        study: a :class:`Study` or a study name / path.
+        seeds: seeds per cell (default: the study's).
+        overrides: ``key=value`` applied to every cell after the study's own (e.g. a smaller budget).
+        jobs: cells run at once, each in its own process (1: in this process, in order).
+        report: write ``<out>/report`` (:func:`metagrad.report.write_report`) at the end.
+        command: the command line to record in ``study.json`` and the report.
+    """
+    study = load_study(study) if isinstance(study, str) else study
+    out = Path(out_dir or f"runs/study-{study.name}")
+    grid = cells(study, out, seeds)
+    configs = [cell_config(study, c, overrides) for c in grid]  # all checked before any run starts
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"study": asdict(study), "seeds": seeds or study.seeds, "overrides": list(overrides),
+                "command": command or " ".join(sys.argv), "cells": []}
+    records: dict[int, dict[str, Any]] = {}
+
+    def note(i: int, rec: dict[str, Any]) -> None:
+        records[i] = rec
+        manifest["cells"] = [records[j] for j in sorted(records)]
+        _write_json(out / MANIFEST, manifest)
+        if progress:
+            extra = f": {rec['reason']}" if rec.get("reason") else f" ({rec.get('seconds', 0):.0f} s)"
+            print(f"[{len(records)}/{len(grid)}] {rec['preset']} {rec['method']} seed{rec['seed']}: "
+                  f"{rec['status']}{extra}", flush=True)
+
+    jobs_args = [(c, cfg, study.cross_domain.get(c.preset, [])) for c, cfg in zip(grid, configs)]
+    if jobs <= 1:
+        for i, a in enumerate(jobs_args):
+            note(i, run_cell(*a))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            pending = {pool.submit(_run_cell_job, a): i for i, a in enumerate(jobs_args)}
+            for f in futures.as_completed(pending):
+                note(pending[f], f.result())
+    result = StudyResult(out, manifest["cells"])
+    if report:
+        from .report import write_report
+
+        result.report = write_report([out], out / "report", command=manifest["command"])
+    return result
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["MANIFEST", "Cell", "Study", "StudyResult", "cell_config", "cells", "check_cell", "load_study",
+           "method_label", "method_plugins", "run_cell", "run_study", "studies"]

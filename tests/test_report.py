@@ -1,0 +1,103 @@
+"""Studies and reports: a tiny study runs, resumes and skips done cells; the report has the right rows and
+valid PNGs; the pooled statistics and the significance rule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from metagrad import config as C
+from metagrad.cli import main
+from metagrad.report import Stat, compare, pool
+from metagrad.study import Study, load_study, method_label, method_plugins, run_study
+
+TINY = ["train.log_every=5", "train.val_every=10", "train.val_tasks=5", "train.checkpoint_every=5",
+        "eval.tasks=10", "eval.meta_batch_size=5", "train.meta_batch_size=4"]
+
+
+def tiny_study() -> Study:
+    return Study(name="tiny", presets=["sinusoid-5shot"], methods=["maml", "meta_gna", "cxgrad"], seeds=2,
+                 set=TINY)
+
+
+def test_study_runs_resumes_skips_and_reports(tmp_path):
+    out = tmp_path / "study"
+    # A short first pass (10 iterations), then the real budget: every cell resumes from its checkpoint.
+    first = run_study(tiny_study(), out, overrides=["train.iterations=10"], report=False, progress=False)
+    assert sorted(c["status"] for c in first.cells) == ["n/a"] * 2 + ["trained"] * 4
+    second = run_study(tiny_study(), out, overrides=["train.iterations=20"], progress=False)
+    assert sorted(c["status"] for c in second.cells) == ["n/a"] * 2 + ["resumed"] * 4
+    third = run_study(tiny_study(), out, overrides=["train.iterations=20"], report=False, progress=False)
+    assert sorted(c["status"] for c in third.cells) == ["n/a"] * 2 + ["skipped (done)"] * 4
+    na = [c for c in third.cells if c["status"] == "n/a"]
+    assert all(c["method"] == "cxgrad" and "Conv2d" in c["reason"] for c in na)
+
+    run = out / "sinusoid-5shot" / "meta_gna" / "seed1"
+    cfg = C.load(run / "config.json")
+    assert (cfg.plugins, cfg.train.seed, cfg.train.iterations) == (["meta_gna"], 1, 20)
+    assert {"eval.json", "diagnostics.json", "checkpoint.pt"} <= {p.name for p in run.iterdir()}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [5, 10, 15, 20]
+    assert {"query_loss_q10", "query_loss_q90", "meta_gna.factor.step0/layers.0.weight"} <= metrics[-1].keys()
+
+    report = second.report
+    assert report is not None and report == out / "report" / "report.md"
+    text = report.read_text()
+    table = text.split("## Test results")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| sinusoid-5shot")]
+    assert [r.split(" | ")[1] for r in rows] == ["maml", "meta_gna", "cxgrad"]
+    assert "(reference)" in rows[0] and "N/A" in rows[2]
+    assert " | 10 | 2 | 20 | " in rows[1]  # tasks, seeds, iterations
+    assert "train.iterations=20" in text and str(run) in text
+    pngs = sorted((out / "report").glob("*.png"))
+    assert {p.name.split("-", 2)[-1] for p in pngs} >= {"curves.png", "fits.png", "sample-losses.png",
+                                                         "grad-norms.png", "meta-gna.png"}
+    for p in pngs:
+        assert f"]({p.name})" in text
+        with Image.open(p) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 300
+    assert "<table>" in (out / "report" / "report.html").read_text()
+
+    # The command line: report on the study folder into another folder.
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--no-compute"]) == 0
+    assert (tmp_path / "rep" / "report.md").read_text().count("| sinusoid-5shot |") >= 3
+
+
+def test_pool_matches_the_direct_computation():
+    import torch
+
+    from metagrad.evaluation import mean_ci95
+
+    torch.manual_seed(0)
+    seeds = [torch.randn(50) + i for i in range(3)]
+    records = [{"metric": "mse", "tasks": 50, "mean": m, "ci95": c} for m, c in map(mean_ci95, seeds)]
+    s = pool(records)
+    allv = torch.cat(seeds).double()
+    assert s.mean == pytest.approx(allv.mean().item())
+    assert s.ci95 == pytest.approx(1.96 * allv.std(unbiased=False).item() / math.sqrt(50))
+    assert s.tasks == 50 and len(s.seed_means) == 3
+
+
+def test_significance_only_without_overlap():
+    base = Stat("mse", 1.0, 0.1, 600, [1.0])
+    assert compare(Stat("mse", 0.85, 0.04, 600, [0.85]), base) == "▲ better"
+    assert compare(Stat("mse", 0.95, 0.1, 600, [0.95]), base) == "n.s."
+    assert compare(Stat("mse", 1.2, 0.05, 600, [1.2]), base) == "▼ worse"
+    acc = Stat("accuracy", 0.9, 0.01, 600, [0.9])
+    assert compare(Stat("accuracy", 0.95, 0.01, 600, [0.95]), acc) == "▲ better"
+
+
+def test_methods_labels_and_bad_studies(tmp_path, capsys):
+    assert method_plugins("maml") == [] and method_plugins("meta_gna+cml") == ["meta_gna", "cml"]
+    assert method_label(["trlearner", "cml", "meta_gna"]) == "cml+meta_gna+trlearner"
+    assert load_study("issue7-cpu").presets[:2] == ["sinusoid-5shot", "sinusoid-10shot"]
+    assert main(["study", "no-such-study"]) == 2
+    assert "unknown study" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('presets = ["sinusoid-5shot"]\nmethods = ["maml"]\nseedz = 2\n')
+    assert main(["study", str(bad)]) == 2
+    assert "unknown study keys seedz" in capsys.readouterr().err
