@@ -84,7 +84,7 @@ def test_two_step_second_order_by_hand():
     learner = MAML(Scalar(w), inner_lr=a, inner_steps=2, loss="mse")
     _, (grad,) = learner_meta_grad(learner, batch)
     s2, sxy = (xs ** 2).mean(), (xs * ys).mean()
-    step = lambda w: w - a * 2 * (w * s2 - sxy)   # noqa: E731  (the inner map is affine in w)
+    step = lambda w: w - a * 2 * (w * s2 - sxy)
     w2 = step(step(w))
     expected = 2 * (xq * (w2 * xq - yq)).mean() * (1 - 2 * a * s2) ** 2
     assert torch.allclose(grad, expected.reshape(1), rtol=1e-10)

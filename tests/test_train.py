@@ -70,7 +70,7 @@ def test_run_files_and_records(tmp_path):
     run = tmp_path / "run"
     result = train(tiny(iterations=6), run, progress=False)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "eval.json",
-                                               "curves.png"}
+                                               "curves.png", "checkpoint-00000005.pt", "checkpoint-00000006.pt"}
     assert result.plot == run / "curves.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
     assert C.load(run / "config.json") == tiny(iterations=6)
     rows = metrics(run)
@@ -109,14 +109,15 @@ def test_existing_run_is_never_overwritten(tmp_path):
 def test_corrupt_or_missing_checkpoint(tmp_path):
     run = tmp_path / "run"
     train(tiny(iterations=2), run, progress=False, plot=False)
-    path = run / "checkpoint.pt"
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    for p in ckpt.candidates(run):  # checkpoint.pt and its kept copy (checkpoint-00000002.pt)
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     before = snapshot(run)
     with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated") as err:
         train(tiny(iterations=4), run, resume=True, progress=False, plot=False)
     assert "\n" not in str(err.value)
     assert snapshot(run) == before
-    path.unlink()
+    for p in ckpt.candidates(run):
+        p.unlink()
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
         train(tiny(iterations=4), run, resume=True, progress=False, plot=False)
     with pytest.raises(RunError, match="does not exist"):

@@ -18,5 +18,15 @@ from .tasks import TaskBatch
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "InnerContext", "MetaLossOutput", "OuterContext", "Plugin", "TaskBatch", "data", "methods",
-           "models", "__version__"]
+__all__ = [
+           "MAML",
+           "InnerContext",
+           "MetaLossOutput",
+           "OuterContext",
+           "Plugin",
+           "TaskBatch",
+           "__version__",
+           "data",
+           "methods",
+           "models",
+]

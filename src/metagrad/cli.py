@@ -5,6 +5,8 @@
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
     metagrad eval  RUN_DIR [--split test] [--tasks 600] [--benchmark NAME] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
+    metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
+    metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
 checkpoint, missing data) exits with status 2 and one line ``metagrad: error: ...`` on stderr; ``--debug``
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", help="run directory (default: runs/<preset>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="meta-train with N processes on this machine (runs torchrun's module; gloo on CPU, nccl "
+                        "with one GPU each); several nodes: torchrun ... -m metagrad train, see docs/distributed.md")
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint; appends to its eval.json")
     e.add_argument("run_dir", metavar="RUN_DIR")
@@ -64,7 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered methods, benchmarks or presets")
     ls.add_argument("what", nargs="?", choices=("methods", "benchmarks", "presets"), default=None)
-    for sp in (t, e, ls):
+    st = sub.add_parser("study", help="run a study's grid (presets × methods × seeds; resumable), then report")
+    st.add_argument("name", metavar="NAME_OR_TOML", help="a study (metagrad/configs/studies/) or a .toml path")
+    st.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's)")
+    st.add_argument("--out", help="output folder (default: runs/study-NAME)")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key in every cell (repeatable)")
+    st.add_argument("--jobs", type=int, default=1, help="cells run at once, one process each (default 1)")
+    st.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
+    rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")
+    rp.add_argument("--out", help="output folder (default: <first dir>/report)")
+    rp.add_argument("--no-compute", action="store_true",
+                    help="do not compute missing diagnostics.json from checkpoints (plots use what exists)")
+    for sp in (t, e, ls, st, rp):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -89,8 +109,25 @@ def _train(args: argparse.Namespace) -> int:
         base = C.load_preset(args.config)
     cfg = C.resolve(base, overrides)
     out_dir = Path(args.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nproc is not None:
+        from . import distributed as D
+
+        if args.nproc < 1:
+            return _fail(f"--nproc must be >= 1, got {args.nproc}")
+        if D.launched():  # already a torchrun worker: torchrun made the processes, do not launch again
+            world = D.world_size()
+            if world != args.nproc:
+                return _fail(f"--nproc {args.nproc} but torchrun started {world} processes: leave --nproc out "
+                             "under torchrun")
+        elif args.nproc > 1:
+            from .train import _open_run
+
+            _open_run(out_dir, cfg, args.resume)  # a bad run directory fails here in one line, not once per rank
+            return _launch(args, out_dir)
     start = time.perf_counter()
     result = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
+    if result.rank != 0:
+        return 0
     print(f"run directory: {result.run_dir}  ({result.iteration} iterations, "
           f"{time.perf_counter() - start:.1f} s this session)")
     if result.records:
@@ -98,6 +135,41 @@ def _train(args: argparse.Namespace) -> int:
     else:
         print("already evaluated at this iteration: see eval.json")
     return 0
+
+
+def _launch(args: argparse.Namespace, out_dir: Path) -> int:
+    """Run this same command under torchrun's module with ``--nproc`` processes; report a failed job in one line."""
+    import os
+    import subprocess
+
+    from .checkpoint import load_latest
+
+    # The workers run without --nproc (WORLD_SIZE tells them); torchrun's parser would also take it for its own
+    # --nproc-per-node. Every rank must agree on the run directory (the default has a timestamp).
+    argv, skip = [], False
+    for a in args.argv:
+        name = a.split("=", 1)[0]
+        if skip or (name.startswith("--np") and "--nproc".startswith(name)):
+            skip = not skip and "=" not in a
+            continue
+        argv.append(a)
+    if not args.out_dir:
+        argv += ["--out-dir", str(out_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "metagrad", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several processes, without its warning
+    rc = subprocess.call(cmd, env=env)
+    if rc == 0:
+        return 0
+    try:
+        kept = f"the last good checkpoint (iteration {load_latest(out_dir)['iteration']}) is kept in {out_dir}: " \
+               f"continue with --resume --out-dir {out_dir} (any --nproc)"
+    except (ValueError, OSError):
+        kept = f"no checkpoint was written in {out_dir} yet"
+    print(f"metagrad: error: distributed training stopped: a rank failed or was killed (exit status {rc}; "
+          f"the ranks' errors and torchrun's report above name it); {kept}", file=sys.stderr)
+    return rc if 0 < rc < 128 else 1
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -124,13 +196,51 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    if args.seeds is not None and args.seeds < 1:
+        return _fail(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        return _fail(f"--jobs must be >= 1, got {args.jobs}")
+    command = " ".join(["metagrad", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None
+    result = run_study(args.name, args.out, seeds=args.seeds, overrides=args.overrides, jobs=args.jobs,
+                       report=not args.no_report, command=command)
+    failed = [c for c in result.cells if c["status"] == "failed"]
+    print(f"study folder: {result.out_dir}  ({len(result.cells)} cells, {len(failed)} failed)")
+    if result.report:
+        print(f"report: {result.report}")
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    command = " ".join(["metagrad", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] else None
+    path = write_report(args.runs, args.out, compute=not args.no_compute, command=command)
+    print(f"report: {path}")
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """metagrad's own warnings (a corrupt checkpoint skipped, a non-finite step skipped) as one line each."""
+    if getattr(category, "__module__", "").startswith("metagrad"):
+        print(f"metagrad: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metagrad`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _train, "eval": _eval, "list": _list}[args.command](args)
+        args.argv = [a for a in argv if a != "--debug"] + (["--debug"] if debug else [])
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return {"train": _train, "eval": _eval, "list": _list, "study": _study,
+                    "report": _report}[args.command](args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,8 +83,14 @@ class TrainConfig:
     val_every: int = 1000               # iterations between validations; 0: never
     val_tasks: int = 100                # val tasks per validation: enough to see a trend, cheap to run
     checkpoint_every: int = 1000        # iterations between checkpoints (and always at the end); 0: end only
+    keep_checkpoints: int = 3           # numbered copies kept beside checkpoint.pt: a corrupt newest one falls
+                                        # back to the previous good one (0: checkpoint.pt alone)
+    max_bad_steps: int = 5              # meta-updates in a row with a non-finite loss or gradient (each skipped,
+                                        # no update) before the run stops with an error
     device: str = "auto"                # cpu | cuda | cuda:N | auto (cuda when available)
     threads: int | None = None          # torch CPU threads; small models run fastest on 1 (less sync overhead)
+    precision: str = "fp32"             # fp32 | bf16: autocast the meta-training matmuls/convs to bfloat16;
+                                        # parameters, inner updates and losses stay fp32 (docs/distributed.md)
 
 
 @dataclass
@@ -115,11 +123,12 @@ class Config:
 
 _CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "none"),
             "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
+            "train.precision": ("fp32", "bf16"),
             "eval.split": ("train", "val", "test")}
 _AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
-               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks")
+               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "train.max_bad_steps")
 _AT_LEAST_0 = ("maml.eval_inner_steps", "maml.msl_iterations", "maml.first_order_iterations", "train.val_every",
-               "train.checkpoint_every")
+               "train.checkpoint_every", "train.keep_checkpoints")
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -323,9 +332,10 @@ def validate(cfg: Config) -> None:
             v = _get(cfg, key)
             if v is not None and v < low:
                 raise ConfigError(f"{key}: must be >= {low}, got {v}")
-    for key in ("maml.inner_lr", "train.meta_lr"):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for key in ("maml.inner_lr", "train.meta_lr", "train.grad_clip"):
+        v = _get(cfg, key)
+        if v is not None and not (0 < v < math.inf):  # also refuses nan and inf
+            raise ConfigError(f"{key}: must be > 0 and finite, got {v}")
     if cfg.eval.inner_steps is not None and (not cfg.eval.inner_steps or min(cfg.eval.inner_steps) < 0):
         raise ConfigError(f"eval.inner_steps: expected non-negative step counts, got {cfg.eval.inner_steps}")
     if len(set(cfg.plugins)) != len(cfg.plugins):
@@ -345,8 +355,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as JSON (the stdlib has no TOML writer; JSON reads back the same)."""
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    """Write the resolved config as JSON (the stdlib has no TOML writer; JSON reads back the same).
+
+    Written to a temporary file and renamed into place: a kill mid-write never leaves half a config.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load(path: str | Path) -> Config:

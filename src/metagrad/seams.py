@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class InnerContext:
     """What an inner-rule hook may look at for one meta-batch of T tasks."""
 
-    learner: "MAML"
+    learner: MAML
     support_x: torch.Tensor          # [T, N_s, *x_shape]
     support_y: torch.Tensor          # [T, N_s] or [T, N_s, out]
     adapted: tuple[str, ...]         # names of the tensors the inner loop updates, in parameter order
@@ -76,8 +76,8 @@ class OuterContext:
     (e.g. a gradient as meta-data) wraps that part in ``torch.enable_grad()``.
     """
 
-    learner: "MAML"
-    batch: "TaskBatch"
+    learner: MAML
+    batch: TaskBatch
     meta_params: Params              # θ, un-batched
     fast_params: Params              # θ' per task, [T, *shape] (every parameter, adapted or not)
     query_output: torch.Tensor       # [T, N_q, out]
@@ -106,7 +106,7 @@ class Plugin(nn.Module):
     inner_rule: bool = False
     name: str = "plugin"
 
-    def attach(self, learner: "MAML") -> None:
+    def attach(self, learner: MAML) -> None:
         """Called once by the learner: validate the model and build learnable parts sized to it."""
 
     # Seam 1 ------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class TaskBatch:
         """True when targets are integer class ids."""
         return not self.support_y.is_floating_point()
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TaskBatch":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
         """A moved copy; ``dtype`` converts inputs and float targets only (class ids stay int64)."""
 
         def mv(t: torch.Tensor, is_target: bool) -> torch.Tensor:
@@ -75,7 +75,7 @@ class TaskBatch:
         return TaskBatch(mv(self.support_x, False), mv(self.support_y, True), mv(self.query_x, False),
                          mv(self.query_y, True), self.task_ids)
 
-    def select(self, index: slice | list[int] | torch.Tensor) -> "TaskBatch":
+    def select(self, index: slice | list[int] | torch.Tensor) -> TaskBatch:
         """The tasks at ``index`` (a slice or a list of task positions), as a new TaskBatch."""
         if isinstance(index, slice):
             ids = None if self.task_ids is None else tuple(self.task_ids[index])

@@ -4,7 +4,11 @@ A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (
 iteration, append-only), ``checkpoint.pt`` (see :mod:`metagrad.checkpoint`), ``eval.json`` (evaluation
 records) and ``curves.png``. Batch ``i`` of a benchmark is a pure function of (seed, split, i), so resuming
 continues at the checkpoint's iteration with the RNG and optimiser states restored, and the trajectory is
-identical, bit for bit, to an uninterrupted run.
+identical, bit for bit, to an uninterrupted run (tests/test_reliability.py kills runs 20+ times to check it).
+
+A meta-update whose loss or gradient is not finite is skipped (no update), reported as a
+:class:`NumericalWarning` and a line of ``faults.jsonl`` naming the bad tensors and the task ids; after
+``train.max_bad_steps`` in a row the run stops with :class:`NumericalError`, its last checkpoint intact.
 
 Example:
     >>> cfg = metagrad.config.resolve("sinusoid-10shot", ["train.iterations=500"])
@@ -14,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +36,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import config as C
+from . import distributed as D
 from .data import Benchmark
 from .evaluation import (
     RunError,
     append_records,
-    device_of,
     evaluate,
     make_benchmark,
     make_learner,
@@ -45,7 +51,25 @@ from .maml import MAML
 
 RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json")
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
-RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root")
+RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root",
+             "train.keep_checkpoints", "train.max_bad_steps")
+FAULTS = "faults.jsonl"
+
+
+class NumericalError(RunError):
+    """Training stopped: ``train.max_bad_steps`` meta-updates in a row had a non-finite loss or gradient."""
+
+
+class NumericalWarning(UserWarning):
+    """One meta-update was skipped because its loss or gradient was not finite."""
+
+
+@dataclass
+class Fault:
+    """A skipped meta-update: the non-finite tensors (``loss``, ``grad:<param>``, ``param:<param>``) and tasks."""
+
+    tensors: list[str]
+    task_ids: list[int]
 
 
 @dataclass
@@ -56,6 +80,7 @@ class RunResult:
     iteration: int                                   # meta-updates done
     records: list[dict[str, Any]] = field(default_factory=list)  # the final evaluation (empty if skipped)
     plot: Path | None = None
+    rank: int = 0                                    # this process's rank (0 alone writes and evaluates)
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +97,10 @@ class Meter:
         self.sums: dict[str, torch.Tensor] = {}
         self.last: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.tallies: dict[str, int] = {}  # events counted, not averaged (e.g. skipped_steps)
+
+    def tally(self, key: str) -> None:
+        self.tallies[key] = self.tallies.get(key, 0) + 1
 
     def add(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
@@ -87,19 +116,31 @@ class Meter:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: (s / max(self.count, 1)).item() for k, s in self.sums.items()}
         out.update({k: v.cpu().tolist() for k, v in self.last.items()})
+        out.update(self.tallies)
         return out
 
     def reset(self) -> None:
-        self.sums, self.last, self.count = {}, {}, 0
+        self.sums, self.last, self.count, self.tallies = {}, {}, 0, {}
 
     def state_dict(self) -> dict[str, Any]:
         cpu = {k: v.cpu() for k, v in self.sums.items()}
-        return {"sums": cpu, "last": {k: v.cpu() for k, v in self.last.items()}, "count": self.count}
+        return {"sums": cpu, "last": {k: v.cpu() for k, v in self.last.items()}, "count": self.count,
+                "tallies": dict(self.tallies)}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.last = dict(state["last"])
         self.count = int(state["count"])
+        self.tallies = {k: int(v) for k, v in state.get("tallies", {}).items()}
+
+
+def sample_loss_quantiles(sample_losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spread of a meta-batch's per-sample query losses (Meta-GNA's argument), logged as ``query_loss_q10``,
+    ``query_loss_q50``, ``query_loss_q90`` (over all samples) and ``query_loss_task_std`` (mean within-task std)."""
+    s = sample_losses.detach().double()
+    q = torch.quantile(s.flatten(), torch.tensor([0.1, 0.5, 0.9], dtype=s.dtype, device=s.device))
+    std = s.std(dim=1, unbiased=False).mean() if s.shape[1] > 1 else s.new_zeros(())
+    return {"query_loss_q10": q[0], "query_loss_q50": q[1], "query_loss_q90": q[2], "query_loss_task_std": std}
 
 
 def flatten_diagnostics(diag: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -125,7 +166,10 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
+    with open(tmp, "w") as f:
+        f.write("".join(f"{line}\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -142,6 +186,11 @@ class _Session:
     start: int = 0            # iterations already done (resume)
     wall: float = 0.0         # seconds of training in earlier sessions
     info: dict[str, Any] = field(default_factory=dict)
+    dctx: D.Context = field(default_factory=D.Context)   # rank and world size (1: a single process)
+    group_size: int | None = None                        # tasks a plug-in relates: shards keep them together
+    precision: str = "fp32"
+    bad_in_row: int = 0       # consecutive skipped (non-finite) meta-updates, checkpointed
+    saved: int | None = None  # iteration of the last checkpoint on disk (None: none yet)
 
 
 def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = False, progress: bool = True,
@@ -161,20 +210,37 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
     Returns:
         The run directory, iterations done, the final evaluation records and the plot path.
     """
-    run_dir, cfg, device = Path(out_dir), config, device_of(config.train.device)
+    run_dir, cfg = Path(out_dir), config
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    # Under torchrun (WORLD_SIZE > 1) join the process group: each rank trains on its share of every meta-batch.
+    dctx, device = D.setup(cfg.train.device)
     try:
-        s = _session(cfg, run_dir, resume, device)
+        s = _session(cfg, run_dir, resume, device, dctx)
         _loop(cfg, run_dir, s, device, progress, callback)
-        return _finish(cfg, run_dir, s.learner, max(s.start, cfg.train.iterations), device, plot)
+        done = max(s.start, cfg.train.iterations)
+        if not dctx.is_main:
+            return RunResult(run_dir, done, rank=dctx.rank)
+        return _finish(cfg, run_dir, s.learner, done, device, plot)
     finally:
+        D.teardown(dctx)
         torch.set_num_threads(threads)
 
 
-def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device) -> _Session:
-    state = _open_run(run_dir, cfg, resume)
+def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
+             dctx: D.Context | None = None) -> _Session:
+    dctx = dctx or D.Context()
+    # Rank 0 alone reads the run directory; the others get its checkpoint (or its error) by broadcast.
+    state, error = None, None
+    if dctx.is_main:
+        try:
+            state = _open_run(run_dir, cfg, resume)
+        except (ValueError, OSError) as e:
+            error = e
+    state, error = D.broadcast((state, error), dctx)
+    if error is not None:
+        raise error
     seed_everything(cfg.train.seed)
     t = cfg.train
     bench = make_benchmark(cfg, "train", t.seed, t.meta_batch_size)
@@ -183,34 +249,105 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device) -
     learner = make_learner(cfg, bench).to(device)
     s = _Session(bench, val_bench, learner, torch.optim.Adam(learner.parameters(), lr=t.meta_lr), Meter(),
                  info={"benchmark": bench.name, "x_shape": list(bench.x_shape), "out_dim": bench.out_dim,
-                       "task_type": bench.task_type})
-    # Everything is built and checked: only now touch the disk.
+                       "task_type": bench.task_type, "world_size": dctx.world},
+                 dctx=dctx, group_size=D.group_size_of(learner), precision=t.precision)
+    if dctx.active and dctx.is_main:
+        D.warn_idle(t.meta_batch_size, dctx.world, s.group_size)
+    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise C.ConfigError("train.precision=bf16 needs a GPU with bfloat16 support (Ampere or newer): use fp32")
+    # Everything is built and checked: only now touch the disk (rank 0 only).
     if state is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if dctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:  # a run stopped before its first checkpoint: drop what it logged, start over
+                ckpt.remove_temporaries(run_dir)
+                _truncate_metrics(run_dir / "metrics.jsonl", 0)
+                _truncate_metrics(run_dir / FAULTS, 0)
     else:
         learner.load_state_dict(state["learner"])
         s.opt.load_state_dict(state["optimizer"])
         s.meter.load_state_dict(state["meter"], device)
         s.start, s.wall = int(state["iteration"]), float(state.get("wall", 0.0))
+        s.bad_in_row, s.saved = int(state.get("bad_in_row", 0)), s.start
         ckpt.set_rng_state(state["rng"])
-        _truncate_metrics(run_dir / "metrics.jsonl", s.start)
-    C.save(cfg, run_dir / "config.json")
+        if dctx.is_main:
+            ckpt.remove_temporaries(run_dir)   # left by a process killed mid-write
+            _repair_checkpoints(run_dir, state.pop("_fallback", None))
+            _truncate_metrics(run_dir / "metrics.jsonl", s.start)
+            _truncate_metrics(run_dir / FAULTS, s.start)
+    D.broadcast_module(learner, dctx)
+    if dctx.is_main:
+        C.save(cfg, run_dir / "config.json")
     return s
 
 
-def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -> dict[str, Any]:
-    """One meta-update on training batch ``it``; returns the values to log."""
-    out = s.learner.meta_loss(s.bench.batch(it).to(device), iteration=it)
+def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -> dict[str, Any] | Fault:
+    """One meta-update on training batch ``it``; returns the values to log, or a :class:`Fault` if it was skipped.
+
+    With several ranks each takes its share of the batch (whole TRLearner groups) and the gradients, scaled
+    by share/T, are summed over ranks: the single-process meta-gradient (see :mod:`metagrad.distributed`).
+    The logged loss, query loss and accuracy are the whole batch's; other diagnostics are rank 0's share's.
+    """
+    d = s.dctx
+    part, weight = D.shard(s.bench.batch(it), d.rank, d.world, s.group_size)
     s.opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    values: dict[str, Any] = {"loss": None, "query_loss": None, "accuracy": None}
+    diagnostics: dict[str, Any] = {}
+    out = None
+    if len(part):
+        with autocast(device, s.precision):
+            out = s.learner.meta_loss(part.to(device), iteration=it)
+        out.loss.backward()
+        values = {"loss": out.loss, "query_loss": out.query_loss, "accuracy": out.query_accuracy}
+        diagnostics = {**sample_loss_quantiles(out.sample_losses), **flatten_diagnostics(out.diagnostics)}
+    if d.active:
+        values = D.allreduce_grads(list(s.learner.parameters()), weight, values, d)
     params = [p for p in s.learner.parameters() if p.grad is not None]
     if grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    fault = _check_finite(s, values, grad_norm, part, out)
+    if fault is not None:
+        s.opt.zero_grad(set_to_none=True)  # the step is skipped: no update, the optimiser state untouched
+        return fault
     s.opt.step()
-    return {"loss": out.loss, "query_loss": out.query_loss, "accuracy": out.query_accuracy, "grad_norm": grad_norm,
-            **flatten_diagnostics(out.diagnostics)}
+    return {**values, "grad_norm": grad_norm, **diagnostics}
+
+
+def _check_finite(s: _Session, values: dict[str, Any], grad_norm: torch.Tensor, part: Any,
+                  out: Any) -> Fault | None:
+    """None when the loss and the gradient norm are finite (one host sync); else what went bad, and where."""
+    checks = [v.detach().float().reshape(()) for v in (values["loss"], grad_norm) if isinstance(v, torch.Tensor)]
+    if not checks or bool(torch.isfinite(torch.stack(checks)).all()):
+        return None
+    # The slow path, only on a bad step: name every non-finite tensor and the tasks with a non-finite loss.
+    bad = [k for k in ("loss", "query_loss")
+           if isinstance(values.get(k), torch.Tensor) and not bool(torch.isfinite(values[k]).all())]
+    for n, p in s.learner.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            bad.append(f"param:{n}")
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad.append(f"grad:{n}")
+    ids = list(part.task_ids) if part.task_ids is not None else list(range(len(part)))
+    if out is not None:
+        finite = torch.isfinite(out.task_losses.detach())
+        if not bool(finite.all()):
+            ids = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+    return Fault(bad or ["grad_norm"], [int(i) for i in ids])
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the meta-training forwards (``train.precision="bf16"``), else a no-op context.
+
+    Autocast casts only the inputs of matmuls and convolutions: parameters, fast weights, the inner update
+    θ' = θ − α·g, gradient norms and the losses (cross-entropy, MSE run in fp32 under autocast) stay fp32,
+    so the inner-loop arithmetic is that of fp32 with bf16 products. No fp16: it would need loss scaling
+    inside the inner loop as well.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progress: bool,
@@ -218,13 +355,22 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
     t = cfg.train
     t0 = time.perf_counter() - s.wall
     window_t, window_it = time.perf_counter(), s.start
-    bar = tqdm(total=t.iterations, initial=s.start, disable=not progress or not sys.stderr.isatty(),
+    main = s.dctx.is_main   # rank 0 alone logs, validates and checkpoints; the others only train
+    bar = tqdm(total=t.iterations, initial=s.start, disable=not progress or not sys.stderr.isatty() or not main,
                dynamic_ncols=True, desc=cfg.name)
-    with open(run_dir / "metrics.jsonl", "a") as log, bar:
+    with contextlib.ExitStack() as files, bar:
+        log = files.enter_context(open(run_dir / "metrics.jsonl", "a")) if main else None
         for it in range(s.start, t.iterations):
-            s.meter.add(_step(s, it, device, t.grad_clip))
+            res = _step(s, it, device, t.grad_clip)
             done = it + 1
+            if isinstance(res, Fault):
+                _bad_step(cfg, run_dir, s, it, res)
+            else:
+                s.bad_in_row = 0
+                s.meter.add(res)
             val_bench = s.val_bench if s.val_bench is not None and done % t.val_every == 0 else None
+            if not main:
+                continue
             if done % t.log_every == 0 or done == t.iterations or val_bench is not None:
                 now = time.perf_counter()
                 rec = {"iteration": done, **s.meter.summary(),
@@ -232,19 +378,66 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                        "wall_s": now - t0}
                 if val_bench is not None:
                     rec.update(_validate(cfg, s.learner, val_bench, device))
+                assert log is not None
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 s.meter.reset()
                 window_t, window_it = time.perf_counter(), done
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", tasks_s=f"{rec['tasks_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", tasks_s=f"{rec['tasks_per_s']:.0f}")
                 if callback is not None:
                     callback(done, rec)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.iterations:
+                assert log is not None
+                log.flush()
+                os.fsync(log.fileno())  # every line up to the checkpoint survives a power cut
+                _check_state_finite(s, done)
                 ckpt.save(run_dir, {"learner": s.learner.state_dict(), "optimizer": s.opt.state_dict(),
                                     "iteration": done, "rng": ckpt.rng_state(), "config": C.to_dict(cfg),
                                     "meter": s.meter.state_dict(), "wall": time.perf_counter() - t0,
-                                    "info": s.info})
+                                    "info": s.info, "bad_in_row": s.bad_in_row}, keep=t.keep_checkpoints)
+                s.saved = done
             bar.update(1)
+
+
+def _bad_step(cfg: C.Config, run_dir: Path, s: _Session, it: int, fault: Fault) -> None:
+    """Count, log and report a skipped meta-update; stop the run after ``train.max_bad_steps`` in a row."""
+    s.bad_in_row += 1
+    s.meter.tally("skipped_steps")
+    limit = cfg.train.max_bad_steps
+    what = f"{', '.join(fault.tensors[:6])}{' …' if len(fault.tensors) > 6 else ''}"
+    tasks = f"{fault.task_ids[:10]}{' …' if len(fault.task_ids) > 10 else ''}"
+    if s.dctx.is_main:
+        with open(run_dir / FAULTS, "a") as f:
+            f.write(json.dumps({"iteration": it + 1, "batch": it, "event": "non_finite", "tensors": fault.tensors,
+                                "task_ids": fault.task_ids, "in_a_row": s.bad_in_row, "action": "skipped"}) + "\n")
+        warnings.warn(f"iteration {it + 1}: non-finite {what} on tasks {tasks}; meta-update skipped "
+                      f"({s.bad_in_row} of {limit} in a row allowed)", NumericalWarning, stacklevel=2)
+    if s.bad_in_row >= limit:
+        kept = (f"the last good checkpoint (iteration {s.saved}) is kept" if s.saved is not None
+                else "no checkpoint was written")
+        raise NumericalError(f"training stopped at iteration {it + 1}: {limit} meta-updates in a row had a "
+                             f"non-finite loss or gradient (last: {what} on tasks {tasks}; see {FAULTS}); {kept}: "
+                             "lower train.meta_lr or maml.inner_lr, or set train.grad_clip, and start a new run")
+
+
+def _check_state_finite(s: _Session, done: int) -> None:
+    """Refuse to write a checkpoint whose parameters are not finite (the last good one stays)."""
+    bad = [n for n, v in s.learner.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        kept = f"iteration {s.saved}" if s.saved is not None else "none written"
+        raise NumericalError(f"parameters {', '.join(bad[:6])} are not finite at iteration {done}: checkpoint not "
+                             f"written (last good one: {kept}); lower train.meta_lr or set train.grad_clip")
+
+
+def _repair_checkpoints(run_dir: Path, fallback: tuple[Path, list[Path]] | None) -> None:
+    """After resuming from an older checkpoint: set unusable newer ones aside, make checkpoint.pt the good one."""
+    if fallback is None:
+        return
+    good, bad = fallback
+    for p in bad:
+        os.replace(p, p.with_name(p.name + ".corrupt"))
+    if good != ckpt.path_of(run_dir):
+        ckpt.write_atomic(ckpt.path_of(run_dir), good.read_bytes())
 
 
 def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | None:
@@ -259,7 +452,16 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
         return None
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
-    state = ckpt.load_latest(run_dir)
+    if not ckpt.candidates(run_dir) and not (run_dir / "eval.json").exists():
+        # Stopped before its first checkpoint: nothing was kept for good, so the run starts over (same trajectory).
+        warnings.warn(f"{str(run_dir)!r} holds no checkpoint yet (stopped before the first one): starting it "
+                      "from iteration 0", ckpt.CheckpointWarning, stacklevel=2)
+        return None
+    path, state, errors = ckpt.find_latest(run_dir)
+    if errors:  # a newer checkpoint is corrupt: resume from the previous good one (repaired in _session)
+        warnings.warn(ckpt.fallback_message(path, state, errors), ckpt.CheckpointWarning, stacklevel=2)
+        found = ckpt.candidates(run_dir)
+        state["_fallback"] = (path, found[:found.index(path)])
     saved = C.from_dict(state["config"])
     changed = [k for k in C.diff(saved, cfg) if k not in RESUMABLE and not k.startswith("eval.")]
     if changed:
@@ -294,4 +496,5 @@ def _finish(cfg: C.Config, run_dir: Path, learner: MAML, done: int, device: torc
     return result
 
 
-__all__ = ["Meter", "RunError", "RunResult", "flatten_diagnostics", "train"]
+__all__ = ["Fault", "Meter", "NumericalError", "NumericalWarning", "RunError", "RunResult", "flatten_diagnostics",
+           "train"]

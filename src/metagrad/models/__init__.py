@@ -8,4 +8,4 @@ from .conv4 import Conv4
 from .gcn import GCN
 from .mlp import MLP
 
-__all__ = ["MLP", "Conv4", "GCN"]
+__all__ = ["GCN", "MLP", "Conv4"]
