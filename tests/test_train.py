@@ -218,3 +218,25 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
     a, b = ckpt.load_latest(tmp_path / "whole"), ckpt.load_latest(run)
     assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])
     assert metrics(tmp_path / "whole") == metrics(run)
+
+
+def test_time_budget_stops_checkpoints_evaluates_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    # A zero budget is spent after the first meta-update: it is checkpointed, logged and evaluated.
+    result = train(tiny("train.time_budget_min=1e-9"), run, progress=False, plot=False)
+    assert result.iteration == 1 and ckpt.load_latest(run)["iteration"] == 1
+    assert [r["iteration"] for r in metrics(run)] == [1]
+    assert {r["iteration"] for r in read_records(run)} == {1}
+    # Resumed with a budget already spent: nothing more is trained.
+    assert train(tiny("train.time_budget_min=1e-9"), run, resume=True, progress=False, plot=False).iteration == 1
+    # Lifting the budget continues to train.iterations, the same trajectory as a run without one.
+    whole = tmp_path / "whole"
+    train(tiny(), whole, progress=False, plot=False)
+    assert train(tiny(), run, resume=True, progress=False, plot=False).iteration == 20
+    a, b = ckpt.load_latest(whole)["learner"], ckpt.load_latest(run)["learner"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(C.ConfigError, match="time_budget_min"):
+        tiny("train.time_budget_min=0")

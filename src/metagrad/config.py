@@ -89,6 +89,8 @@ class TrainConfig:
                                         # no update) before the run stops with an error
     device: str = "auto"                # cpu | cuda | cuda:N | auto (cuda when available)
     threads: int | None = None          # torch CPU threads; small models run fastest on 1 (less sync overhead)
+    time_budget_min: float | None = None  # stop (checkpoint, then evaluate) once the run's wall time reaches this
+                                        # many minutes, even before `iterations`; None: no budget
     precision: str = "fp32"             # fp32 | bf16: autocast the meta-training matmuls/convs to bfloat16;
                                         # parameters, inner updates and losses stay fp32 (docs/distributed.md)
 
@@ -332,7 +334,7 @@ def validate(cfg: Config) -> None:
             v = _get(cfg, key)
             if v is not None and v < low:
                 raise ConfigError(f"{key}: must be >= {low}, got {v}")
-    for key in ("maml.inner_lr", "train.meta_lr", "train.grad_clip"):
+    for key in ("maml.inner_lr", "train.meta_lr", "train.grad_clip", "train.time_budget_min"):
         v = _get(cfg, key)
         if v is not None and not (0 < v < math.inf):  # also refuses nan and inf
             raise ConfigError(f"{key}: must be > 0 and finite, got {v}")

@@ -52,7 +52,7 @@ from .maml import MAML
 RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json")
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
 RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root",
-             "train.keep_checkpoints", "train.max_bad_steps")
+             "train.keep_checkpoints", "train.max_bad_steps", "train.time_budget_min")
 FAULTS = "faults.jsonl"
 
 
@@ -218,8 +218,7 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
     dctx, device = D.setup(cfg.train.device)
     try:
         s = _session(cfg, run_dir, resume, device, dctx)
-        _loop(cfg, run_dir, s, device, progress, callback)
-        done = max(s.start, cfg.train.iterations)
+        done = _loop(cfg, run_dir, s, device, progress, callback)
         if not dctx.is_main:
             return RunResult(run_dir, done, rank=dctx.rank)
         return _finish(cfg, run_dir, s.learner, done, device, plot)
@@ -351,8 +350,13 @@ def autocast(device: torch.device, precision: str):
 
 
 def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progress: bool,
-          callback: Callable[[int, dict[str, Any]], None] | None) -> None:
+          callback: Callable[[int, dict[str, Any]], None] | None) -> int:
+    """Meta-train from ``s.start`` to ``train.iterations`` (or the time budget); returns the iterations done."""
     t = cfg.train
+    budget_s = None if t.time_budget_min is None else 60.0 * t.time_budget_min
+    done = max(s.start, t.iterations)
+    if budget_s is not None and s.wall >= budget_s:   # resumed with the budget already spent
+        return s.start
     t0 = time.perf_counter() - s.wall
     window_t, window_it = time.perf_counter(), s.start
     main = s.dctx.is_main   # rank 0 alone logs, validates and checkpoints; the others only train
@@ -369,9 +373,13 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                 s.bad_in_row = 0
                 s.meter.add(res)
             val_bench = s.val_bench if s.val_bench is not None and done % t.val_every == 0 else None
+            # The budget is judged on rank 0's clock, so that every rank stops after the same iteration.
+            out_of_time = budget_s is not None and D.broadcast(time.perf_counter() - t0 >= budget_s, s.dctx)
             if not main:
+                if out_of_time:
+                    break
                 continue
-            if done % t.log_every == 0 or done == t.iterations or val_bench is not None:
+            if done % t.log_every == 0 or done == t.iterations or val_bench is not None or out_of_time:
                 now = time.perf_counter()
                 rec = {"iteration": done, **s.meter.summary(),
                        "tasks_per_s": (done - window_it) * t.meta_batch_size / max(now - window_t, 1e-9),
@@ -386,7 +394,7 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                 bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", tasks_s=f"{rec['tasks_per_s']:.0f}")
                 if callback is not None:
                     callback(done, rec)
-            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.iterations:
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.iterations or out_of_time:
                 assert log is not None
                 log.flush()
                 os.fsync(log.fileno())  # every line up to the checkpoint survives a power cut
@@ -397,6 +405,9 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                                     "info": s.info, "bad_in_row": s.bad_in_row}, keep=t.keep_checkpoints)
                 s.saved = done
             bar.update(1)
+            if out_of_time:
+                break
+    return done
 
 
 def _bad_step(cfg: C.Config, run_dir: Path, s: _Session, it: int, fault: Fault) -> None:
