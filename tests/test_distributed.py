@@ -82,10 +82,11 @@ CASES = {
 RESUME = "cml"   # resumed with 2 ranks from 1, and with 1 from 2
 # CxGrad's generator gets gradients at float32 noise level (the scale invariance the spec describes nearly
 # cancels its path), and Adam divides by their size: any change of summation order, e.g. two half-batches,
-# moves it by ~1e-6 after 3 steps. These cases are also run in float64, where the 1e-6 check is meaningful.
+# moves it by 1e-6..2e-5 after 3 steps (seen up to 1.3e-5 on a loaded machine). These cases are also run in
+# float64, where the 1e-6 check on every parameter is meaningful.
 FP64 = ("maml", "cxgrad", "cxgrad+trlearner+cml")
 NOISY = "generator."   # parameters held to FP32_NOISY_ATOL in the float32 runs
-FP32_NOISY_ATOL = 1e-5
+FP32_NOISY_ATOL = 1e-4
 
 
 def config(case: str, *extra: str) -> C.Config:
