@@ -153,8 +153,8 @@ def run_case(key: str, order: str, steps: int, names: list[str], args) -> dict:
     print(f"\n### {label}", flush=True)
     errors = check_gradients(names, case, setup, model, batch, args.check_tasks)
     bad = {n: e for n, e in errors.items() if not e <= 1e-5}
-    print("gradient check (float64, first %d tasks, max rel. error vs loop): %s" % (
-        args.check_tasks, ", ".join(f"{n} {e:.1e}" for n, e in errors.items())), flush=True)
+    report = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
+    print(f"gradient check (float64, first {args.check_tasks} tasks, max rel. error vs loop): {report}", flush=True)
     if bad:
         raise SystemExit(f"meta-gradients disagree: {bad}; nothing timed")
     impls = [peers.build(n, model, setup) for n in names]
@@ -205,8 +205,8 @@ def table(result: dict) -> str:
     rows, T = result["rows"], result["meta_batch"]
     fastest = next(r for r in rows if r["impl"] == result["fastest_peer"])
     loop = next(r for r in rows if r["impl"] == "loop")
-    out = ["| implementation | s / meta-step | tasks/s | × vs fastest peer | CPU s / step | peak tensor MiB "
-           "| memory vs loop | peak RSS MiB | grad rel. err (f64 / f32) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [("| implementation | s / meta-step | tasks/s | × vs fastest peer | CPU s / step | peak tensor MiB "
+            "| memory vs loop | peak RSS MiB | grad rel. err (f64 / f32) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = fastest["wall_s"] / r["wall_s"]
         memr = (f"{r['peak_bytes'] / loop['peak_bytes']:.2f}" if r["peak_bytes"] and loop["peak_bytes"] else "n/a")

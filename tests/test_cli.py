@@ -167,3 +167,73 @@ def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="unknown preset"):
         main(["--debug", "train", "--config", "nope"])
+
+
+def test_eval_with_other_ways_replicates_the_mean_head_row():
+    import torch
+
+    from metagrad.evaluation import RunError, transfer_head
+
+    trained = {"model.head.weight": torch.arange(10.0).view(5, 2), "model.head.bias": torch.arange(5.0),
+               "model.conv.weight": torch.ones(3, 3)}
+    target = {"model.head.weight": torch.zeros(20, 2), "model.head.bias": torch.zeros(20),
+              "model.conv.weight": torch.zeros(3, 3)}
+    out = transfer_head(trained, target, 5, 20)
+    assert torch.equal(out["model.head.weight"], torch.tensor([4.0, 5.0]).expand(20, 2))
+    assert torch.equal(out["model.head.bias"], torch.full((20,), 2.0))
+    assert out["model.conv.weight"] is trained["model.conv.weight"]
+    with pytest.raises(RunError, match="only tensors indexed by class"):
+        transfer_head(trained, {**target, "model.conv.weight": torch.zeros(3, 4)}, 5, 20)
+
+
+def test_eval_on_a_benchmark_with_fixed_other_ways(tmp_path, capsys, monkeypatch):
+    """A 5-way classifier evaluated on 20-way episodes (as on Lake's runs): a 20-row head, each row the mean."""
+    import torch
+
+    from metagrad import data
+    from metagrad.tasks import TaskBatch
+
+    class Twenty(data.Benchmark):
+        name, task_type, x_shape, out_dim = "twenty", "classification", (1, 16, 16), 20
+        fixed_ways, num_tasks = 20, 3
+
+        def __init__(self, split, meta_batch_size, seed, ways, **_):
+            assert ways == 20
+            super().__init__(split, 3, seed)
+
+        def batch(self, index):
+            g = torch.Generator().manual_seed(index)
+            protos = torch.randn(3, 20, 1, 1, 16, 16, generator=g)
+            y = torch.arange(20).expand(3, -1).clone()
+            return TaskBatch(protos[:, :, 0], y, (protos + 0.1 * torch.randn(protos.shape, generator=g))[:, :, 0], y)
+
+    class Five(Twenty):
+        name, out_dim, fixed_ways = "five", 5, None
+
+        def __init__(self, split, meta_batch_size, seed, ways, **_):
+            data.Benchmark.__init__(self, split, meta_batch_size, seed)
+
+        def batch(self, index):
+            g = torch.Generator().manual_seed(1000 + index)
+            x = torch.randn(self.meta_batch_size, 5, 1, 16, 16, generator=g)
+            y = torch.arange(5).expand(self.meta_batch_size, -1).clone()
+            return TaskBatch(x, y, x + 0.1 * torch.randn(x.shape, generator=g), y)
+
+    data.available()
+    monkeypatch.setitem(data._REGISTRY, "twenty", Twenty)
+    monkeypatch.setitem(data._REGISTRY, "five", Five)
+    toml = ('[benchmark]\nname = "five"\nways = 5\nshots = 1\nqueries = 1\n[model]\nname = "conv4"\nwidth = 8\n'
+            '[maml]\ninner_lr = 0.4\n[eval]\ninner_steps = [0, 1, 5]\n')
+    (tmp_path / "five.toml").write_text(toml)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "five.toml"), *TINY, "--set", "train.iterations=2",
+                 "--set", "eval.tasks=4", "--set", "train.val_every=0", "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--benchmark", "twenty"]) == 0
+    records = [r for r in json.loads((run / "eval.json").read_text()) if r["benchmark"] == "twenty"]
+    assert records and all(r["tasks"] == 3 and r["ways"] == 20 and r["trained_ways"] == 5 for r in records)
+    by_steps = {r["inner_steps"]: r["mean"] for r in records}
+    assert by_steps[0] == pytest.approx(1 / 20)     # identical rows: every class ties, argmax picks class 0
+    assert max(v for k, v in by_steps.items() if k > 0) > 0.15  # adaptation separates the classes (3× chance)
+    assert main(["eval", str(run), "--benchmark", "twenty", "--tasks", "4"]) == 2
+    assert "twenty has 3 tasks" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 ::
 
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
-    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--benchmark NAME] [--data-root DIR]
+    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--benchmark NAME] [--ways N] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, default=None, help="number of tasks (default: the run's eval.tasks, 600)")
     e.add_argument("--benchmark", help="evaluate on another benchmark with the same input shape (cross-domain)")
     e.add_argument("--data-root", help="data folder of the evaluated benchmark")
+    e.add_argument("--ways", type=int, default=None,
+                   help="ways of the evaluated episodes (default: the benchmark's own, e.g. 20 for omniglot-lake20, "
+                        "else training's); a classifier's head rows start as the mean of the trained ones")
 
     ls = sub.add_parser("list", help="list registered methods, benchmarks or presets")
     ls.add_argument("what", nargs="?", choices=("methods", "benchmarks", "presets"), default=None)
@@ -177,8 +180,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.tasks is not None and args.tasks < 1:
         return _fail(f"--tasks must be >= 1, got {args.tasks}")
+    if args.ways is not None and args.ways < 2:
+        return _fail(f"--ways must be >= 2, got {args.ways}")
     records = evaluate_run(args.run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
-                           data_root=args.data_root)
+                           data_root=args.data_root, ways=args.ways)
     print(format_table(records))
     return 0
 

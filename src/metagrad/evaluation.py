@@ -39,8 +39,9 @@ class RunError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ builders
 def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, name: str | None = None,
-                   root: str | None = None) -> Benchmark:
-    """The config's benchmark (or ``name``, for cross-domain evaluation) for one split."""
+                   root: str | None = None, ways: int | None = None) -> Benchmark:
+    """The config's benchmark (or ``name``, for cross-domain evaluation) for one split; ``ways`` overrides
+    the config's number of ways (a cross-domain benchmark with other ways, e.g. Lake's 20-way runs)."""
     b = cfg.benchmark
     same = name in (None, b.name)
     # The run's own data root and extra arguments belong to its benchmark, not to a cross-domain one.
@@ -48,7 +49,7 @@ def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, n
     if b.image_size is not None:
         kwargs["image_size"] = b.image_size
     try:
-        return data.create(name or b.name, split=split, ways=b.ways, shots=b.shots, queries=b.queries,
+        return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=b.queries,
                            meta_batch_size=meta_batch_size, seed=seed,
                            root=root or (b.data_root if same else None), **kwargs)
     except TypeError as e:  # an argument the benchmark does not take
@@ -189,10 +190,14 @@ def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Pa
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: int | None = None,
-                 benchmark: str | None = None, data_root: str | None = None) -> list[dict[str, Any]]:
+                 benchmark: str | None = None, data_root: str | None = None,
+                 ways: int | None = None) -> list[dict[str, Any]]:
     """Evaluate a run's latest checkpoint, optionally on another benchmark with the same input shape.
 
-    The records are appended to the run's ``eval.json`` and returned.
+    ``ways``: the evaluated episodes' number of ways when it differs from training's (default: the benchmark's
+    own fixed number, e.g. 20 for ``omniglot-lake20``, else training's). A classifier trained with other ways
+    gets a head of the new size whose rows all start as the mean of the trained rows (see
+    :func:`transfer_head`). The records are appended to the run's ``eval.json`` and returned.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -200,25 +205,66 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: in
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
     device = device_of(cfg.train.device)
+    ways = ways or (data.fixed_ways(benchmark) if benchmark else None)
     bench = make_benchmark(cfg, split, cfg.eval.seed, cfg.eval.meta_batch_size or cfg.train.meta_batch_size,
-                           name=benchmark, root=data_root)
+                           name=benchmark, root=data_root, ways=ways)
     info = state.get("info", {})
     if benchmark not in (None, cfg.benchmark.name):
-        theirs = {"x_shape": list(bench.x_shape), "out_dim": bench.out_dim, "task_type": bench.task_type}
+        theirs = {"x_shape": list(bench.x_shape), "task_type": bench.task_type}
         mismatch = [f"{k} {info.get(k)} vs {v}" for k, v in theirs.items() if info.get(k) != v]
         if mismatch:
             raise RunError(f"cannot evaluate a model trained on {cfg.benchmark.name} on {benchmark}: "
-                           f"{'; '.join(mismatch)} (cross-domain evaluation needs the same input shape and ways)")
+                           f"{'; '.join(mismatch)} (cross-domain evaluation needs the same input shape and task type)")
+    trained_ways = int(info.get("out_dim", bench.out_dim))
+    extra: dict[str, Any] = {}
     try:
         learner = make_learner(cfg, bench).to(device)
-        learner.load_state_dict(state["learner"])
+        weights = state["learner"]
+        if bench.task_type == "classification" and bench.out_dim != trained_ways:
+            weights = transfer_head(weights, learner.state_dict(), trained_ways, bench.out_dim)
+            extra = {"ways": bench.out_dim, "trained_ways": trained_ways, "head": "mean of the trained rows"}
+        learner.load_state_dict(weights)
     except RuntimeError as e:
         raise RunError(f"the checkpoint does not fit the model built for {bench.name}: "
                        f"{str(e).splitlines()[0]}") from e
-    records = evaluate(learner, bench, tasks or cfg.eval.tasks, cfg.eval_steps(bench.task_type), device,
+    n_tasks = tasks or cfg.eval.tasks
+    limit = getattr(bench, "num_tasks", None)       # a fixed set of tasks (Lake's 20 runs): never repeat one
+    if limit is not None:
+        if tasks is not None and tasks > limit:
+            raise RunError(f"{bench.name} has {limit} tasks, --tasks {tasks} asks for more: use --tasks {limit} "
+                           "or leave it out")
+        n_tasks = min(n_tasks, limit)
+    records = evaluate(learner, bench, n_tasks, cfg.eval_steps(bench.task_type), device,
                        benchmark=bench.name, iteration=int(state["iteration"]))
+    records = [{**r, **extra} for r in records]
     append_records(run_dir, records)
     return records
+
+
+def transfer_head(trained: dict[str, torch.Tensor], target: dict[str, torch.Tensor], trained_ways: int,
+                  ways: int) -> dict[str, torch.Tensor]:
+    """A learner's state dict trained for ``trained_ways`` classes, made to fit one built for ``ways``.
+
+    Every tensor indexed by class (the head's weight and bias, their per-element inner rates, a plug-in's
+    class-sized head) gets ``ways`` rows, each the mean of its trained rows; everything else must fit as it is.
+    MAML's initial head is permutation-sensitive while the labels of an episode are an arbitrary permutation;
+    one shared row is its permutation-invariant form (Ye & Chao, "How to train your MAML to excel in few-shot
+    classification", ICLR 2022), and the inner steps then pull each class's row towards its support examples.
+    """
+    out = {}
+    for key, want in target.items():
+        have = trained.get(key)
+        if have is None:
+            raise RunError(f"the checkpoint has no {key!r}: it was written by another model or plug-in set")
+        if have.shape == want.shape:
+            out[key] = have
+        elif have.dim() >= 1 and have.shape[0] == trained_ways and have.shape[1:] == want.shape[1:] \
+                and want.shape[0] == ways:
+            out[key] = have.float().mean(dim=0, keepdim=True).to(have.dtype).expand_as(want).clone()
+        else:
+            raise RunError(f"cannot fit {key!r} of shape {tuple(have.shape)} to {tuple(want.shape)} for "
+                           f"{ways}-way episodes: only tensors indexed by class can change size")
+    return out
 
 
 __all__ = [

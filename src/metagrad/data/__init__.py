@@ -51,6 +51,13 @@ def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queri
                            meta_batch_size=meta_batch_size, seed=seed, root=root, **kwargs)
 
 
+def fixed_ways(name: str) -> int | None:
+    """The number of ways benchmark ``name`` is fixed to (``fixed_ways`` of its class, e.g. 20 for Lake's
+    one-shot runs), or None when episodes take any number."""
+    _load_all()
+    return getattr(_REGISTRY.get(name), "fixed_ways", None)
+
+
 def _load_all() -> None:
     # Import the benchmark modules lazily so that `import metagrad` stays light; each registers itself.
     import importlib

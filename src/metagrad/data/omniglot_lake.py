@@ -110,6 +110,8 @@ class OmniglotLake20(Benchmark):
     """
 
     task_type = "classification"
+    fixed_ways = WAYS
+    num_tasks = RUNS        # the runs are a fixed set: evaluation takes each once
 
     def __init__(self, split: str = "test", ways: int = 20, shots: int = 1, queries: int = 1,
                  meta_batch_size: int = RUNS, seed: int = 0, root: str | os.PathLike[str] | None = None, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,7 +29,7 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int = 1, hidden: Sequence[int] = (40, 40), out_dim: int = 1) -> None:
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         for layer in self.layers[:-1]:
