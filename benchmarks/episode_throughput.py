@@ -1,6 +1,7 @@
 """Episode sampling speed: milliseconds per meta-batch (default Omniglot 5-way 1-shot, 15 queries, 32 tasks).
 
-Compare the result with the time of one MAML step: sampling should be a small fraction of it.
+With ``--maml-steps N`` (default 3) it also times N second-order MAML meta-steps (Conv4-64, one inner step, Adam)
+on the same meta-batches in the same process and prints sampling time as a share of a meta-step.
 
     python benchmarks/episode_throughput.py                      # shared Omniglot copy, default cache
     python benchmarks/episode_throughput.py --threads 1 --batches 200
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--meta-batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=50, help="timed batches (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--maml-steps", type=int, default=3, help="timed MAML meta-steps for the share (0: none)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -51,7 +53,28 @@ def main() -> None:
     print(f"{a.benchmark} {a.split} {a.ways}-way {a.shots}-shot {a.queries}q x {a.meta_batch_size}: "
           f"{ms:.2f} ms per meta-batch (median of {a.batches}, {torch.get_num_threads()} threads; CPU {cpu_ms:.2f} ms); "
           f"create {create_s:.2f} s ({'cache hit' if cache and cache.hit else 'decoded'})")
+    step_ms = None
+    if a.maml_steps > 0:
+        from metagrad import MAML
+        from metagrad.models import Conv4
+
+        torch.manual_seed(0)
+        learner = MAML(Conv4(bench.x_shape[0], a.ways, 64, image_size=bench.x_shape[-1]), inner_lr=0.4)
+        opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        steps = []
+        for i in range(a.maml_steps + 1):                 # the first step warms up and is not timed
+            batch = bench.batch(i)
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            learner.meta_loss(batch).loss.backward()
+            opt.step()
+            steps.append(time.perf_counter() - t)
+        step_ms = statistics.median(steps[1:]) * 1e3
+        print(f"second-order MAML meta-step on these batches: {step_ms:.0f} ms (median of {a.maml_steps}); "
+              f"sampling is {100 * ms / step_ms:.2f}% of it")
     print(json.dumps({"benchmark": a.benchmark, "ms_per_batch_median": round(ms, 3),
+                      "maml_step_ms_median": None if step_ms is None else round(step_ms, 1),
+                      "sampling_share_of_step": None if step_ms is None else round(ms / step_ms, 5),
                       "ms_per_batch_p90": round(statistics.quantiles(times, n=10)[-1] * 1e3, 3),
                       "cpu_ms_per_batch_median": round(cpu_ms, 3),
                       "threads": torch.get_num_threads(), "create_s": round(create_s, 3),
