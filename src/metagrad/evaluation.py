@@ -228,7 +228,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: in
         raise RunError(f"the checkpoint does not fit the model built for {bench.name}: "
                        f"{str(e).splitlines()[0]}") from e
     n_tasks = tasks or cfg.eval.tasks
-    limit = getattr(bench, "num_tasks", None)       # a fixed set of tasks (Lake's 20 runs): never repeat one
+    limit = bench.num_tasks                         # a fixed set of tasks (Lake's 20 runs): never repeat one
     if limit is not None:
         if tasks is not None and tasks > limit:
             raise RunError(f"{bench.name} has {limit} tasks, --tasks {tasks} asks for more: use --tasks {limit} "

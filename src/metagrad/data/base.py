@@ -40,7 +40,9 @@ class Benchmark:
     """Base class of every benchmark: an infinite, seeded iterable of :class:`TaskBatch`.
 
     Subclasses implement :meth:`batch` and set ``task_type`` ("classification" | "regression"),
-    ``x_shape`` (shape of one input) and ``out_dim`` (ways, or the regression output size).
+    ``x_shape`` (shape of one input) and ``out_dim`` (ways, or the regression output size). A benchmark that
+    is a fixed set of episodes (Lake's 20 runs) also sets ``fixed_ways`` (the only number of ways it takes) and
+    ``num_tasks`` (how many distinct tasks there are; evaluation never repeats one).
 
     Example:
         >>> bench = metagrad.data.create("sinusoid", "train", shots=10, queries=10, meta_batch_size=25, seed=0)
@@ -52,6 +54,8 @@ class Benchmark:
     task_type: str = "classification"
     x_shape: tuple[int, ...] = ()
     out_dim: int = 1
+    fixed_ways: int | None = None
+    num_tasks: int | None = None
 
     def __init__(self, split: str, meta_batch_size: int, seed: int) -> None:
         self.split = check_split(split)
