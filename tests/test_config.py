@@ -128,3 +128,22 @@ def test_all_keys_are_dotted_and_settable():
     keys = C.all_keys()
     assert {"train.iterations", "train.meta_batch_size", "train.seed", "maml.inner_lr", "maml.inner_steps",
             "maml.first_order", "plugins"} <= set(keys)
+
+
+def test_eval_queries_apply_to_validation_and_test_only():
+    from metagrad.evaluation import make_benchmark
+
+    cfg = C.resolve("sinusoid-10shot", ["benchmark.queries=4", "eval.queries=7"])
+    shapes = {split: make_benchmark(cfg, split, 0, 2).batch(0).query_x.shape[1] for split in ("train", "val", "test")}
+    assert shapes == {"train": 4, "val": 7, "test": 7}
+    default = C.resolve("sinusoid-10shot", ["benchmark.queries=4"])
+    assert make_benchmark(default, "test", 0, 2).batch(0).query_x.shape[1] == 4
+    with pytest.raises(C.ConfigError, match="eval.queries"):
+        C.resolve("sinusoid-10shot", ["eval.queries=0"])
+
+
+def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
+    cfg = C.resolve("omniglot-5w1s-budget60")
+    assert (cfg.benchmark.queries, cfg.eval.queries, cfg.train.time_budget_min) == (1, 15, 55)
+    assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.4, 1, 3)
+    assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.width) == (32, 1e-3, 64)

@@ -44,8 +44,11 @@ def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
     return fast
 
 
-def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe):
-    """MAML + TRLearner written per task and per pair, with no metagrad code. Returns (loss, M̃ rows)."""
+def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe, own="query"):
+    """MAML + TRLearner written per task and per pair, with no metagrad code. Returns (loss, M̃ rows).
+
+    ``own="query"``: P_ii is the model on the whole query set, first ``probe`` rows; "probe": on the probes alone.
+    """
     cls = batch.is_classification
     loss_fn = F.cross_entropy if cls else F.mse_loss
     theta = dict(model.named_parameters())
@@ -83,7 +86,8 @@ def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, 
             rows[i] = dict(zip(others, e / e.sum()))
             x = batch.query_x[i][:probe]
             mix = sum(rows[i][j] * probe_out(fasts[j], x) for j in others)
-            tr = tr + ((probe_out(fasts[i], x) - mix) ** 2).mean()
+            mine = probe_out(fasts[i], batch.query_x[i])[:probe] if own == "query" else probe_out(fasts[i], x)
+            tr = tr + ((mine - mix) ** 2).mean()
     return query + weight * tr / T, rows
 
 
@@ -135,22 +139,24 @@ def test_weight_zero_is_plain_maml(kind):
     assert all(torch.equal(a, b) for a, b in zip(grads, plain))
 
 
-@pytest.mark.parametrize("kind, T, group_size, probe, first_order", [
-    ("mse", 5, 2, 5, False),            # groups [0,1] [2,3,4]; probes a strict subset of the 7 queries
-    ("mse", 4, 4, 16, True),            # probes = all queries (the core's query output is reused)
-    ("cross_entropy", 4, 4, 16, False),
-    ("cross_entropy", 3, 4, 4, True),   # 4 of 6 queries: batch-norm statistics of the probe set
+@pytest.mark.parametrize("kind, T, group_size, probe, first_order, own", [
+    ("mse", 5, 2, 5, False, "query"),   # groups [0,1] [2,3,4]; probes a strict subset of the 7 queries
+    ("mse", 5, 2, 5, False, "probe"),
+    ("mse", 4, 4, 16, True, "probe"),   # probes = all queries (the core's query output is reused)
+    ("cross_entropy", 4, 4, 16, False, "query"),
+    ("cross_entropy", 3, 4, 4, True, "query"),   # 4 of 6 queries: P_ii with the query set's BN statistics
+    ("cross_entropy", 3, 4, 4, False, "probe"),  # 4 of 6 queries: P_ii with the probe set's BN statistics
 ])
-def test_matches_independent_reference(kind, T, group_size, probe, first_order):
+def test_matches_independent_reference(kind, T, group_size, probe, first_order, own):
     if kind == "mse":
         model, batch, lr, steps = mlp64(1), regression_batch(T=T, seed=3), 0.05, 2
     else:
         model, batch, lr, steps = conv64(1), image_batch(T=T, seed=3), 0.4, 1
-    plug = TRLearner(weight=0.5, temperature=0.7, group_size=group_size, probe_size=probe)
+    plug = TRLearner(weight=0.5, temperature=0.7, group_size=group_size, probe_size=probe, own=own)
     learner = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, loss=kind, plugins=[plug])
     out, grads = grads_of(learner, batch)
     ref, rows = reference_trlearner(model, batch, plug.head_weights, lr=lr, steps=steps, first_order=first_order,
-                                    weight=0.5, tau=0.7, groups=task_groups(T, group_size), probe=probe)
+                                    weight=0.5, tau=0.7, groups=task_groups(T, group_size), probe=probe, own=own)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()) + [plug.head_weights])
     assert torch.allclose(out.loss, ref, rtol=1e-10)
     assert_close_rel(grads, ref_grads, 1e-6)
@@ -287,3 +293,22 @@ def test_bad_input_is_refused():
     for bad in ({"group_size": 1}, {"temperature": 0.0}, {"heads": 0}, {"weight": -1.0}, {"probe_size": 0}):
         with pytest.raises(ValueError, match="TRLearner needs"):
             TRLearner(**bad)
+    with pytest.raises(ValueError, match="TRLearner own must be"):
+        TRLearner(own="partner")
+
+
+def test_own_readings_agree_without_batch_statistics_and_differ_with_them():
+    """An MLP's output on the probes is a slice of its output on the query set, so the two P_ii readings give the
+    same term; Conv4's batch-statistics BN makes them differ (the statistics of 15 queries against 4 probes)."""
+    for model, batch, kind, differ in ((mlp64(5), regression_batch(T=4, seed=5), "mse", False),
+                                       (conv64(5), image_batch(T=3), "cross_entropy", True)):
+        terms = []
+        for own in ("query", "probe"):
+            plug = TRLearner(weight=1.0, probe_size=4, own=own)
+            torch.manual_seed(0)
+            plug_learner = MAML(model, inner_lr=0.1, loss=kind, plugins=[plug])
+            terms.append(plug_learner.meta_loss(batch).diagnostics["trlearner.loss"])
+        if differ:
+            assert not torch.allclose(terms[0], terms[1], rtol=1e-6)
+        else:
+            assert torch.allclose(terms[0], terms[1], rtol=1e-12)

@@ -102,6 +102,8 @@ class EvalConfig:
     split: str = "test"                 # the final evaluation's split
     seed: int = 0                       # val/test stream seed, fixed so every run is scored on the same tasks
     meta_batch_size: int | None = None  # tasks per evaluation batch; None: train.meta_batch_size
+    queries: int | None = None          # query samples per class in validation and test; None: benchmark.queries
+                                        # (train on few queries for speed, score on the usual 15)
 
 
 @dataclass
@@ -128,7 +130,8 @@ _CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max",
             "train.precision": ("fp32", "bf16"),
             "eval.split": ("train", "val", "test")}
 _AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
-               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "train.max_bad_steps")
+               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "eval.queries",
+               "train.max_bad_steps")
 _AT_LEAST_0 = ("maml.eval_inner_steps", "maml.msl_iterations", "maml.first_order_iterations", "train.val_every",
                "train.checkpoint_every", "train.keep_checkpoints")
 

@@ -41,15 +41,17 @@ class RunError(ValueError):
 def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, name: str | None = None,
                    root: str | None = None, ways: int | None = None) -> Benchmark:
     """The config's benchmark (or ``name``, for cross-domain evaluation) for one split; ``ways`` overrides
-    the config's number of ways (a cross-domain benchmark with other ways, e.g. Lake's 20-way runs)."""
+    the config's number of ways (a cross-domain benchmark with other ways, e.g. Lake's 20-way runs). Splits
+    other than "train" take ``eval.queries`` query samples per class when it is set."""
     b = cfg.benchmark
     same = name in (None, b.name)
     # The run's own data root and extra arguments belong to its benchmark, not to a cross-domain one.
     kwargs = dict(b.kwargs) if same else {}
     if b.image_size is not None:
         kwargs["image_size"] = b.image_size
+    queries = b.queries if split == "train" or cfg.eval.queries is None else cfg.eval.queries
     try:
-        return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=b.queries,
+        return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=queries,
                            meta_batch_size=meta_batch_size, seed=seed,
                            root=root or (b.data_root if same else None), **kwargs)
     except TypeError as e:  # an argument the benchmark does not take

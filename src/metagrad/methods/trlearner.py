@@ -71,10 +71,16 @@ class TRLearner(Plugin):
       A last group of one task joins the previous group (see :func:`task_groups`).
     * Probes are the first ``probe_size`` query inputs, as specified. Samplers that order the query set by
       class (ours do) then probe mostly the first classes; everything here is label-free, so this narrows
-      what is compared, it does not bias it. P_ii reuses the core's query forward when the probes are the
-      whole query set; otherwise it takes one more forward (batch-statistics BN makes a slice differ).
-    * Extra cost per meta-batch: T support forwards at θ for m_i (plus a backward for regression), T·(G−1)
-      probe forwards, and at most one more for P_ii.
+      what is compared, it does not bias it.
+    * P_ii, ``own="query"`` (default): task i's adapted model on its probe inputs is read off the core's
+      query forward (rows ``:probe_size``), so the extra forwards are the spec's T·(G−1). With a model whose
+      normalisation uses batch statistics (Conv4's BN), P_ii then carries the statistics of the whole query
+      set and the P_ij those of the probe set: even identical adapted models leave a small L_TR.
+      ``own="probe"`` runs task i's model on its probe set alone, like its partners (statistics-consistent;
+      T more probe forwards, about 0.2x of a plain MAML step on Omniglot, docs/methods.md). Without
+      batch-dependent layers (the MLPs of regression) the two are the same numbers.
+    * Extra cost per meta-batch: T support forwards at θ for m_i (plus a backward for regression) and T·(G−1)
+      probe forwards (T·G with ``own="probe"``).
     * With two tasks per group each row of M̃ has one entry (always 1), so the heads get no gradient.
 
     Diagnostics per meta-batch: ``trlearner.relation`` (M̃ of the first group) and ``trlearner.loss`` (L_TR).
@@ -85,6 +91,8 @@ class TRLearner(Plugin):
         temperature: τ of the row softmax.
         group_size: G, tasks related to each other.
         probe_size: probe inputs per task (all query inputs when fewer).
+        own: where P_ii comes from: "query" (the core's query forward, the spec's cost) or "probe" (a forward
+            of the probe set alone, batch statistics consistent with the P_ij).
 
     Example:
         >>> from metagrad import MAML, methods
@@ -95,11 +103,15 @@ class TRLearner(Plugin):
     """
 
     def __init__(self, weight: float = 0.1, heads: int = 4, temperature: float = 0.5, group_size: int = 4,
-                 probe_size: int = 16) -> None:
+                 probe_size: int = 16, own: str = "query") -> None:
         super().__init__()
         if weight < 0 or heads < 1 or temperature <= 0 or group_size < 2 or probe_size < 1:
             raise ValueError("TRLearner needs weight >= 0, heads >= 1, temperature > 0, group_size >= 2 and "
                              f"probe_size >= 1, got {weight}, {heads}, {temperature}, {group_size}, {probe_size}")
+        if own not in ("query", "probe"):
+            raise ValueError(f"TRLearner own must be 'query' (P_ii from the query forward) or 'probe' (a forward "
+                             f"of the probe set alone), got {own!r}")
+        self.own = own
         self.weight, self.num_heads, self.temperature = float(weight), int(heads), float(temperature)
         self.group_size, self.probe_size = int(group_size), int(probe_size)
         self.head_weights: nn.Parameter | None = None   # [K, d], built at attach (d depends on the model)
@@ -115,8 +127,8 @@ class TRLearner(Plugin):
                 raise ValueError(f"TRLearner (classification) needs features, but {type(model).__name__}.forward "
                                  "has no return_features argument")
             d = 2 * lin.in_features
-            # Ask for query features so P_ii can reuse them when the probes are the whole query set. Correct
-            # either way: without them (a core that reads the flag before attach) P_ii takes its own forward.
+            # Ask for query features: P_ii reads them (own="query", or probes = the whole query set). Correct
+            # either way: without them (a core that reads the flag before attach) P_ii repeats the query forward.
             self.needs_features = True
             body = [n for n in learner.adapted if not n.startswith(f"{head}.")]
             if not body:
@@ -201,15 +213,13 @@ class TRLearner(Plugin):
         return self.weight * loss
 
     def _own_outputs(self, ctx: OuterContext, probe: torch.Tensor, cls: bool) -> torch.Tensor:
-        """P_ii; reuses the core's query forward when the probes are the whole query set.
-
-        Only then: batch-statistics normalisation makes the output on a subset differ from a slice of the
-        output on the whole set.
-        """
-        if probe.shape[1] == ctx.batch.query_x.shape[1]:
-            if not cls:
-                return ctx.query_output
-            if ctx.query_features is not None:
-                return ctx.query_features
+        """P_ii: rows ``:n`` of the core's query forward (``own="query"``, or whenever the probes are the whole
+        query set, where the two readings agree), else a forward of the probe set alone."""
+        n, whole = probe.shape[1], probe.shape[1] == ctx.batch.query_x.shape[1]
+        if self.own == "query" or whole:
+            out = ctx.query_features if cls else ctx.query_output
+            if out is None:   # a core that read `needs_features` before attach: the same query forward, again
+                out = ctx.forward(ctx.fast_params, ctx.batch.query_x, True)[1]
+            return out[:, :n]
         out = ctx.forward(ctx.fast_params, probe, cls)
         return out[1] if cls else out
