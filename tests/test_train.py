@@ -240,3 +240,47 @@ def test_time_budget_stops_checkpoints_evaluates_and_resumes(tmp_path):
 def test_time_budget_must_be_positive():
     with pytest.raises(C.ConfigError, match="time_budget_min"):
         tiny("train.time_budget_min=0")
+
+
+def test_cosine_meta_lr_schedule():
+    from metagrad.train import meta_lr
+
+    t = C.resolve("sinusoid-10shot", ["train.iterations=100", "train.meta_lr=1e-3", "train.meta_lr_min=1e-5",
+                                      "train.meta_lr_schedule=cosine"]).train
+    assert meta_lr(t, 0) == 1e-3
+    assert math.isclose(meta_lr(t, 50), (1e-3 + 1e-5) / 2, rel_tol=1e-12)
+    assert math.isclose(meta_lr(t, 100), 1e-5, rel_tol=1e-12)
+    assert all(meta_lr(t, i + 1) < meta_lr(t, i) for i in range(100))
+    constant = C.resolve("sinusoid-10shot", ["train.meta_lr=2e-3"]).train
+    assert {meta_lr(constant, i) for i in (0, 7, 14_999)} == {2e-3}
+    with pytest.raises(C.ConfigError, match="meta_lr_schedule"):
+        C.resolve("sinusoid-10shot", ["train.meta_lr_schedule=linear"])
+
+
+def test_cosine_schedule_is_applied_logged_and_resumes_bit_for_bit(tmp_path):
+    cfg = tiny("train.meta_lr_schedule=cosine", "train.meta_lr=1e-2", "train.meta_lr_min=1e-4")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    train(cfg, whole, progress=False, plot=False)
+    rows = metrics(whole)
+    lrs = [r["meta_lr"] for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2 and lrs[-1] > 1e-4
+    # The logged value is the window's mean of the step sizes of iterations 0 and 1 (logged as float32 scalars).
+    from metagrad.train import meta_lr
+    assert math.isclose(rows[0]["meta_lr"], (meta_lr(cfg.train, 0) + meta_lr(cfg.train, 1)) / 2, rel_tol=1e-6)
+    assert ckpt.load_latest(whole)["optimizer"]["param_groups"][0]["lr"] == meta_lr(cfg.train, 19)
+
+    def kill(iteration, record):
+        if iteration == 14:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, broken, progress=False, callback=kill, plot=False)
+    train(cfg, broken, resume=True, progress=False, plot=False)
+    a, b = ckpt.load_latest(whole), ckpt.load_latest(broken)
+    for name in a["learner"]:
+        assert torch.equal(a["learner"][name], b["learner"][name]), name
+    # A constant schedule gives different parameters: the schedule acted.
+    plain = tmp_path / "plain"
+    train(tiny("train.meta_lr=1e-2"), plain, progress=False, plot=False)
+    p = ckpt.load_latest(plain)["learner"]
+    assert any(not torch.equal(p[name], a["learner"][name]) for name in a["learner"])

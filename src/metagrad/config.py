@@ -77,6 +77,9 @@ class TrainConfig:
     iterations: int = 60000             # meta-updates; Finn: 60k (images), 70k (sinusoid)
     meta_batch_size: int = 32           # tasks per meta-update
     meta_lr: float = 1e-3               # Adam step size on θ and the plug-ins' parameters
+    meta_lr_schedule: str = "constant"  # constant | cosine: anneal meta_lr to meta_lr_min over `iterations`
+                                        # (MAML++'s cosine annealing, Antoniou et al. 2019)
+    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5)
     seed: int = 0                       # model initialisation and the training task stream
     grad_clip: float | None = None      # clip the meta-gradient's global norm; None: no clipping
     log_every: int = 100                # iterations per metrics.jsonl line (values averaged over the window)
@@ -127,7 +130,7 @@ class Config:
 
 _CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "none"),
             "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
-            "train.precision": ("fp32", "bf16"),
+            "train.precision": ("fp32", "bf16"), "train.meta_lr_schedule": ("constant", "cosine"),
             "eval.split": ("train", "val", "test")}
 _AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
                "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "eval.queries",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -280,6 +281,15 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
     return s
 
 
+def meta_lr(t: C.TrainConfig, it: int) -> float:
+    """The meta step size of iteration ``it`` (0-based): ``meta_lr``, or with ``meta_lr_schedule="cosine"``
+    (MAML++, Antoniou et al., "How to train your MAML", ICLR 2019) ``meta_lr_min + (meta_lr − meta_lr_min) ·
+    (1 + cos(π·it/iterations))/2``. A function of the iteration alone, so a resumed run takes the same steps."""
+    if t.meta_lr_schedule == "constant":
+        return t.meta_lr
+    return t.meta_lr_min + (t.meta_lr - t.meta_lr_min) * (1 + math.cos(math.pi * it / t.iterations)) / 2
+
+
 def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -> dict[str, Any] | Fault:
     """One meta-update on training batch ``it``; returns the values to log, or a :class:`Fault` if it was skipped.
 
@@ -311,7 +321,7 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
         s.opt.zero_grad(set_to_none=True)  # the step is skipped: no update, the optimiser state untouched
         return fault
     s.opt.step()
-    return {**values, "grad_norm": grad_norm, **diagnostics}
+    return {**values, "grad_norm": grad_norm, "meta_lr": s.opt.param_groups[0]["lr"], **diagnostics}
 
 
 def _check_finite(s: _Session, values: dict[str, Any], grad_norm: torch.Tensor, part: Any,
@@ -365,6 +375,9 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
     with contextlib.ExitStack() as files, bar:
         log = files.enter_context(open(run_dir / "metrics.jsonl", "a")) if main else None
         for it in range(s.start, t.iterations):
+            lr = meta_lr(t, it)
+            for group in s.opt.param_groups:
+                group["lr"] = lr
             res = _step(s, it, device, t.grad_clip)
             done = it + 1
             if isinstance(res, Fault):
