@@ -44,11 +44,16 @@ def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
     return fast
 
 
-def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe, own="query"):
+def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe, own="query",
+                        probes="spread"):
     """MAML + TRLearner written per task and per pair, with no metagrad code. Returns (loss, M̃ rows).
 
-    ``own="query"``: P_ii is the model on the whole query set, first ``probe`` rows; "probe": on the probes alone.
+    Probes: ``probe`` query inputs, evenly spaced over the query set ("spread") or the first ones ("first").
+    ``own="query"``: P_ii is the model on the whole query set at the probe rows; "probe": on the probes alone.
     """
+    nq = batch.query_x.shape[1]
+    n = min(probe, nq)
+    picks = list(range(n)) if probes == "first" or n == nq else [round(k * (nq - 1) / (n - 1)) for k in range(n)]
     cls = batch.is_classification
     loss_fn = F.cross_entropy if cls else F.mse_loss
     theta = dict(model.named_parameters())
@@ -84,9 +89,9 @@ def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, 
                                 for j in others])
             e = torch.exp(sims / tau)
             rows[i] = dict(zip(others, e / e.sum()))
-            x = batch.query_x[i][:probe]
+            x = batch.query_x[i][picks]
             mix = sum(rows[i][j] * probe_out(fasts[j], x) for j in others)
-            mine = probe_out(fasts[i], batch.query_x[i])[:probe] if own == "query" else probe_out(fasts[i], x)
+            mine = probe_out(fasts[i], batch.query_x[i])[picks] if own == "query" else probe_out(fasts[i], x)
             tr = tr + ((mine - mix) ** 2).mean()
     return query + weight * tr / T, rows
 
@@ -139,24 +144,26 @@ def test_weight_zero_is_plain_maml(kind):
     assert all(torch.equal(a, b) for a, b in zip(grads, plain))
 
 
-@pytest.mark.parametrize("kind, T, group_size, probe, first_order, own", [
-    ("mse", 5, 2, 5, False, "query"),   # groups [0,1] [2,3,4]; probes a strict subset of the 7 queries
-    ("mse", 5, 2, 5, False, "probe"),
-    ("mse", 4, 4, 16, True, "probe"),   # probes = all queries (the core's query output is reused)
-    ("cross_entropy", 4, 4, 16, False, "query"),
-    ("cross_entropy", 3, 4, 4, True, "query"),   # 4 of 6 queries: P_ii with the query set's BN statistics
-    ("cross_entropy", 3, 4, 4, False, "probe"),  # 4 of 6 queries: P_ii with the probe set's BN statistics
+@pytest.mark.parametrize("kind, T, group_size, probe, first_order, own, probes", [
+    ("mse", 5, 2, 5, False, "query", "spread"),   # groups [0,1] [2,3,4]; probes a strict subset of the 7 queries
+    ("mse", 5, 2, 5, False, "probe", "first"),
+    ("mse", 4, 4, 16, True, "probe", "spread"),   # probes = all queries (the core's query output is reused)
+    ("cross_entropy", 4, 4, 16, False, "query", "spread"),
+    ("cross_entropy", 3, 4, 4, True, "query", "spread"),  # 4 of 6 queries: P_ii with the query set's statistics
+    ("cross_entropy", 3, 4, 4, False, "probe", "spread"),  # 4 of 6 queries: P_ii with the probe set's statistics
+    ("cross_entropy", 3, 4, 4, False, "query", "first"),
 ])
-def test_matches_independent_reference(kind, T, group_size, probe, first_order, own):
+def test_matches_independent_reference(kind, T, group_size, probe, first_order, own, probes):
     if kind == "mse":
         model, batch, lr, steps = mlp64(1), regression_batch(T=T, seed=3), 0.05, 2
     else:
         model, batch, lr, steps = conv64(1), image_batch(T=T, seed=3), 0.4, 1
-    plug = TRLearner(weight=0.5, temperature=0.7, group_size=group_size, probe_size=probe, own=own)
+    plug = TRLearner(weight=0.5, temperature=0.7, group_size=group_size, probe_size=probe, own=own, probes=probes)
     learner = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, loss=kind, plugins=[plug])
     out, grads = grads_of(learner, batch)
     ref, rows = reference_trlearner(model, batch, plug.head_weights, lr=lr, steps=steps, first_order=first_order,
-                                    weight=0.5, tau=0.7, groups=task_groups(T, group_size), probe=probe, own=own)
+                                    weight=0.5, tau=0.7, groups=task_groups(T, group_size), probe=probe, own=own,
+                                    probes=probes)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()) + [plug.head_weights])
     assert torch.allclose(out.loss, ref, rtol=1e-10)
     assert_close_rel(grads, ref_grads, 1e-6)
@@ -295,6 +302,16 @@ def test_bad_input_is_refused():
             TRLearner(**bad)
     with pytest.raises(ValueError, match="TRLearner own must be"):
         TRLearner(own="partner")
+    with pytest.raises(ValueError, match="TRLearner probes must be"):
+        TRLearner(probes="random")
+
+
+def test_spread_probes_cover_the_query_set():
+    rows = TRLearner(probe_size=16).probe_rows(75)
+    assert rows.tolist() == [0, 5, 10, 15, 20, 25, 30, 35, 39, 44, 49, 54, 59, 64, 69, 74]
+    assert {r // 15 for r in rows.tolist()} == {0, 1, 2, 3, 4}   # every class of a class-ordered 5-way set
+    assert TRLearner(probe_size=16, probes="first").probe_rows(75).tolist() == list(range(16))
+    assert TRLearner(probe_size=16).probe_rows(10).tolist() == list(range(10))
 
 
 def test_own_readings_agree_without_batch_statistics_and_differ_with_them():
