@@ -1,7 +1,7 @@
 """The fast paths equal the plain per-task functional loop (float64, 1e-10 relative).
 
 Fast paths under test: Conv4's forward (first block fused conv+BatchNorm on unfolded patches, pooling before
-the ReLU, channels-last layout), the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
+the ReLU, channels-last layout), Conv4's ``forward_batched`` (grouped convolutions over tasks), the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
 ``forward_batched``, and the learner's ``memory="lean"`` meta-loss (task chunks whose meta-gradients are taken
 inside ``meta_loss``). The reference is written from the layer definitions, independent of metagrad's code.
 """
@@ -166,23 +166,72 @@ def test_forward_batched_loop_equals_per_task_calls():
     batch = images(T=3)
     theta = fn.meta_params(model)
     params = {n: torch.stack([p + 0.01 * t for t in range(3)]) for n, p in theta.items()}
-    out, feats = fn.forward_batched(model, params, batch.query_x, return_features=True)
+    out, feats = fn.forward_per_task(model, params, batch.query_x, return_features=True)
     for t in range(3):
         o, f = functional_call(model, fn.task_slice(params, t), (batch.query_x[t],), {"return_features": True})
         assert torch.equal(out[t], o) and torch.equal(feats[t], f)
-    with pytest.raises(ValueError, match="tasks"):
-        fn.forward_batched(model, params, batch.query_x[:2])
+    for forward in (fn.forward_per_task, fn.forward_batched):
+        with pytest.raises(ValueError, match="tasks"):
+            forward(model, params, batch.query_x[:2])
+
+
+@pytest.mark.parametrize("channels,size,bias,pool", [(1, 28, False, "max"), (3, 32, False, "max"),
+                                                     (1, 28, True, "max"), (4, 12, False, "none")])
+def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool):
+    """Conv4.forward_batched (grouped convolutions over tasks, per-task BN statistics) against the definition
+    per task: outputs, features, the map, and first and second derivatives w.r.t. the task-stacked parameters."""
+    model = randomised(Conv4(channels, ways=3, width=5, bias=bias, pool=pool, image_size=size))
+    T = 3
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(T, 4, channels, size, size, generator=g, dtype=torch.float64)
+    params = {n: (p + 0.05 * torch.randn(T, *p.shape, generator=g, dtype=p.dtype)).requires_grad_()
+              for n, p in fn.meta_params(model).items()}
+    out, feats = model.forward_batched(params, x, return_features=True)
+    ref = torch.stack([conv4_reference(fn.task_slice(params, t), x[t], pool) for t in range(T)])
+    assert out.shape == ref.shape == (T, 4, 3)
+    assert_rel([out], [ref])
+    assert torch.allclose(out, torch.einsum("tnf,tof->tno", feats, params["head.weight"])
+                          + params["head.bias"].unsqueeze(1), rtol=1e-12)
+    out_m, fmap = model.forward_batched(params, x, return_features="map")
+    want_map = torch.stack([functional_call(model, fn.task_slice(params, t), (x[t],), {"return_features": "map"})[1]
+                            for t in range(T)])
+    assert_rel([out_m, fmap], [ref, want_map])
+    # Each task's loss weighted differently, so a mix-up between tasks cannot cancel out.
+    w = torch.arange(1, T + 1, dtype=torch.float64).view(T, 1, 1)
+    g1 = torch.autograd.grad((w * out.square()).sum(), list(params.values()), create_graph=True)
+    g2 = torch.autograd.grad((w * ref.square()).sum(), list(params.values()), create_graph=True)
+    assert_rel(g1, g2)
+    h1 = torch.autograd.grad(sum((a * a).sum() for a in g1), list(params.values()))
+    h2 = torch.autograd.grad(sum((a * a).sum() for a in g2), list(params.values()))
+    assert_rel(h1, h2)
+
+
+def test_conv4_grouped_forward_batched_steps_aside_for_hooks_and_checks_shapes():
+    model = randomised(Conv4(1, ways=3, width=4))
+    x = torch.rand(2, 3, 1, 28, 28, dtype=torch.float64)
+    params = {n: p.unsqueeze(0).expand(2, *p.shape) for n, p in fn.meta_params(model).items()}
+    grouped = model.forward_batched(params, x)
+    calls = []
+    handle = model.blocks[2].bn.register_forward_hook(lambda *a: calls.append(1))
+    hooked = model.forward_batched(params, x)
+    handle.remove()
+    assert calls == [1, 1]          # the per-task loop ran: once per task
+    assert_rel([hooked], [grouped])
+    with pytest.raises(ValueError, match=r"expected \[T, n, 1, H, W\]"):
+        model.forward_batched(params, x[:, :, 0])
 
 
 # -- memory="lean" against memory="graph" -------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [3, 4])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_lean_equals_graph_bit_for_bit(T, first_order):
+    """One chunk of all T tasks: the graph's computation, so the graph's bits. (Chunks of other sizes run Conv4's
+    grouped convolutions with other group counts, whose double backward rounds differently: the next test.)"""
     model = randomised(Conv4(1, ways=3, width=4))
     batch = images(T=T)
     outs = {}
     for memory in ("lean", "graph"):
-        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=first_order, memory=memory)
+        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=first_order, memory=memory, task_chunk=T)
         out = learner.meta_loss(batch)
         outs[memory] = out, torch.autograd.grad(out.loss, list(model.parameters()))
     (lean, lg), (graph, gg) = outs["lean"], outs["graph"]

@@ -47,6 +47,13 @@ def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: tor
     kwargs = {"return_features": True} if return_features else {}
     if hasattr(model, "forward_batched"):
         return model.forward_batched(params, x, **kwargs)
+    return forward_per_task(model, params, x, return_features)
+
+
+def forward_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                     return_features: bool | str = False):
+    """``forward_batched`` as a loop: ``functional_call`` once per task, outputs stacked (any module)."""
+    kwargs = {"return_features": return_features} if return_features else {}
     # One unbind per tensor, not a select per task: the backward of T selects writes T zero-filled
     # [T, *shape] gradients (O(T²) memory traffic); one unbind's backward is a single stack.
     T = x.shape[0]

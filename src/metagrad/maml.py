@@ -148,7 +148,7 @@ class MAML(nn.Module):
         """The first forward of a call: an input the model cannot take, or targets that do not fit, raise."""
         try:
             out = self.forward_batched(params, x)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if isinstance(e, torch.OutOfMemoryError) or not any(w in text for w in _SHAPE_WORDS):
                 raise

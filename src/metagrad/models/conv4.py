@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from metagrad.functional import forward_per_task
 
 BN_EPS = 1e-5
 
@@ -92,6 +96,35 @@ def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, b
     return y.view(n, h, w_, -1).permute(0, 3, 1, 2)
 
 
+def _conv_bn_fused_tasks(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """``_conv_bn_fused`` for T tasks at once: ``x`` ``[T, n, C, H, W]``, ``weight`` ``[T, O, C, k, k]``,
+    ``gamma``/``beta`` ``[T, O]``; statistics per task, batched products. Returns ``[T·n, O, H, W]``,
+    channels-last in memory."""
+    t, n, c, h, w_ = x.shape
+    k = weight.shape[-1]
+    u = F.unfold(x.reshape(t * n, c, h, w_), k, padding=k // 2)                       # [T·n, K, H·W]
+    u = u.transpose(1, 2).reshape(t, n * h * w_, c * k * k)                            # [T, P, K]
+    acc = torch.promote_types(x.dtype, torch.float64)
+    uc = u.to(acc)
+    uc = uc - uc.mean(1, keepdim=True)
+    cov = (uc.transpose(1, 2) @ uc) / u.shape[1]                                       # [T, K, K], biased
+    wf = weight.flatten(2)                                                             # [T, O, K]
+    w64 = wf.to(acc)
+    scale = (gamma.to(acc) * torch.rsqrt(((w64 @ cov) * w64).sum(2) + eps)).to(x.dtype)
+    y = torch.baddbmm(beta.unsqueeze(1), uc.to(x.dtype), (wf * scale.unsqueeze(2)).transpose(1, 2).contiguous())
+    return y.view(t * n, h, w_, -1).permute(0, 3, 1, 2)
+
+
+def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """``ConvBlock.forward``'s tail: max-pooling (channels-last on the CPU) before the ReLU."""
+    if pool == "max":
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.max_pool2d(x, 2)
+    return torch.relu(x)
+
+
 class Conv4(nn.Module):
     """Four conv blocks, then flatten → Linear(width·s·s, ways); a plain ``nn.Module``.
 
@@ -144,6 +177,58 @@ class Conv4(nn.Module):
             x = block(x)
         feats = x.flatten(1)
         out = self.head(feats)
+        return (out, feats) if return_features else out
+
+    def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                        return_features: bool | str = False):
+        """T tasks at once: ``params[name]`` is ``[T, *shape]``, ``x`` is ``[T, n, C, H, W]``.
+
+        The tasks' feature maps are laid side by side along the channels, ``[n, T·C, H, W]``, so each block is
+        one grouped convolution (``groups=T``) and one batch normalisation over T·C channels, whose statistics
+        are per task and channel exactly as in :meth:`forward`; the first block's fused product and the head are
+        batched matrix products. Mathematically identical to :meth:`forward` per task (float64 tests), with
+        far fewer, larger operator calls: 1.4x faster for a second-order meta-step with few images per task
+        (docs/performance.md). A task's values do not depend on the other tasks; its second derivatives agree
+        across task counts to rounding only (a grouped convolution's double backward runs group by group).
+        Falls back to a per-task loop while a forward hook watches a block.
+        """
+        blocks = list(self.blocks)
+        if _hooked(self, self.head, *blocks, *(m for b in blocks for m in (b.conv, b.bn))):
+            return forward_per_task(self, params, x, return_features)
+        if x.dim() != 5 or x.shape[2] != blocks[0].conv.in_channels:
+            raise ValueError(f"Conv4.forward_batched: x of shape {list(x.shape)} does not fit: expected "
+                             f"[T, n, {blocks[0].conv.in_channels}, H, W]")
+        t, n = x.shape[:2]
+        if any(p.shape[0] != t for p in params.values()):
+            raise ValueError(f"forward_batched: x has {t} tasks but the parameters' leading dims are "
+                             f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
+        fmap, z = None, None
+        for i, block in enumerate(blocks):
+            pre = f"blocks.{i}."
+            w = params[pre + "conv.weight"]
+            if i == 0 and block.conv.bias is None and block.conv.in_channels * 9 <= _FUSE_MAX_K:
+                y = _conv_bn_fused_tasks(x, w, params[pre + "bn.weight"], params[pre + "bn.bias"], block.bn.eps)
+                y = _pool_relu(y, block.pool)                                          # [T·n, O, h, w]
+                # NCHW for every T (for T = 1 the reshape alone would keep the channels-last strides, and the
+                # convolution kernel, hence the rounding, would depend on the number of tasks).
+                z = y.reshape(t, n, *y.shape[1:]).transpose(0, 1).reshape(n, -1, *y.shape[2:]).contiguous()
+                continue
+            if z is None:
+                z = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])         # [n, T·C, H, W]
+            bias = params.get(pre + "conv.bias")
+            z = F.conv2d(z, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
+                         padding=1, groups=t)
+            if z.device.type == "cpu":
+                z = z.contiguous()   # NCHW batch normalisation: see ConvBlock._normalised
+            z = F.batch_norm(z, None, None, params[pre + "bn.weight"].reshape(-1), params[pre + "bn.bias"].reshape(-1),
+                             True, 0.0, block.bn.eps)
+            if return_features == "map" and i == len(blocks) - 1:
+                fmap = torch.relu(z)
+            z = _pool_relu(z, block.pool)
+        feats = z.reshape(n, t, -1).transpose(0, 1)                                    # [T, n, F]
+        out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
+        if return_features == "map":
+            return out, fmap.reshape(n, t, -1, *fmap.shape[2:]).transpose(0, 1)
         return (out, feats) if return_features else out
 
     def _forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
