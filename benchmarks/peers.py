@@ -12,7 +12,8 @@ torch.func "plain loop"): one task at a time, ``backward()`` per task, so a peer
 
 The peers run the reference network (a plain ``nn.Sequential`` of Conv2d → BatchNorm2d → ReLU → MaxPool2d
 blocks, or Linear → ReLU layers), loaded with metagrad's weights; ``loop+mgmodel`` runs the plain loop on
-metagrad's own ``Conv4`` to separate what the model implementation gives from what the learner gives.
+metagrad's own ``Conv4`` to separate what the model implementation gives from what the learner gives, and
+``metagrad[per-task]`` runs metagrad without the model's ``forward_batched`` (tasks one at a time).
 """
 
 from __future__ import annotations
@@ -201,6 +202,21 @@ class Metagrad(Impl):
         return out.loss.detach()
 
 
+def per_task(model: nn.Module) -> nn.Module:
+    """``model`` without its ``forward_batched``: metagrad then runs the tasks one ``functional_call`` at a time
+    (the ablation of Conv4's grouped and MLP's batched forwards)."""
+
+    class PerTask(type(model)):
+        def __getattribute__(self, name):
+            if name == "forward_batched":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    PerTask.__name__ = type(model).__name__
+    model.__class__ = PerTask
+    return model
+
+
 def available() -> dict[str, bool]:
     """Which peer libraries import here."""
     found = {}
@@ -223,6 +239,10 @@ def build(name: str, model: nn.Module, setup: Setup) -> Impl:
         return Metagrad(copy.deepcopy(model), setup)
     if name == "metagrad[graph]":
         impl = Metagrad(copy.deepcopy(model), setup, memory="graph")
+        impl.name = name
+        return impl
+    if name == "metagrad[per-task]":
+        impl = Metagrad(per_task(copy.deepcopy(model)), setup)
         impl.name = name
         return impl
     if name == "loop+mgmodel":

@@ -39,7 +39,7 @@ import metagrad
 from metagrad.models import MLP, Conv4
 
 PEERS = ("loop", "higher", "learn2learn")
-ABLATIONS = ("loop+mgmodel", "metagrad[graph]")
+ABLATIONS = ("loop+mgmodel", "metagrad[graph]", "metagrad[per-task]")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from metagrad import MAML, TaskBatch
 from metagrad import functional as fn
 from metagrad import maml as maml_module
 from metagrad.models import MLP, Conv4
+from metagrad.models import conv4 as conv4_module
 
 REL = 1e-10
 
@@ -175,11 +176,15 @@ def test_forward_batched_loop_equals_per_task_calls():
             forward(model, params, batch.query_x[:2])
 
 
-@pytest.mark.parametrize("channels,size,bias,pool", [(1, 28, False, "max"), (3, 32, False, "max"),
-                                                     (1, 28, True, "max"), (4, 12, False, "none")])
-def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool):
+@pytest.mark.parametrize("channels,size,bias,pool,group_images", [
+    (1, 28, False, "max", 64), (3, 32, False, "max", 64), (1, 28, True, "max", 64), (4, 12, False, "none", 64),
+    (1, 28, False, "max", 8),     # 4 images per task: groups of 2 tasks, then 1
+])
+def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool, group_images,
+                                                                   monkeypatch):
     """Conv4.forward_batched (grouped convolutions over tasks, per-task BN statistics) against the definition
     per task: outputs, features, the map, and first and second derivatives w.r.t. the task-stacked parameters."""
+    monkeypatch.setattr(conv4_module, "GROUP_IMAGES", group_images)
     model = randomised(Conv4(channels, ways=3, width=5, bias=bias, pool=pool, image_size=size))
     T = 3
     g = torch.Generator().manual_seed(2)

@@ -65,6 +65,9 @@ def _hooked(*modules: nn.Module) -> bool:
 # (Omniglot: 9, RGB: 27); wider inputs use the convolution kernel.
 _FUSE_MAX_K = 32
 
+# Conv4.forward_batched: how many images (tasks × images per task) one grouped computation takes at most.
+GROUP_IMAGES = 64
+
 
 def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                    eps: float) -> torch.Tensor:
@@ -190,7 +193,10 @@ class Conv4(nn.Module):
         far fewer, larger operator calls: 1.4x faster for a second-order meta-step with few images per task
         (docs/performance.md). A task's values do not depend on the other tasks; its second derivatives agree
         across task counts to rounding only (a grouped convolution's double backward runs group by group).
-        Falls back to a per-task loop while a forward hook watches a block.
+        Tasks are grouped ``GROUP_IMAGES // n`` at a time (n images per task): grouped convolutions pay on a
+        CPU for small per-task batches (the support set, a few queries) and lose to one call per task for large
+        ones, which run as :meth:`forward` per task, as does a single task. Falls back to the per-task loop
+        while a forward hook watches a block.
         """
         blocks = list(self.blocks)
         if _hooked(self, self.head, *blocks, *(m for b in blocks for m in (b.conv, b.bn))):
@@ -202,6 +208,23 @@ class Conv4(nn.Module):
         if any(p.shape[0] != t for p in params.values()):
             raise ValueError(f"forward_batched: x has {t} tasks but the parameters' leading dims are "
                              f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
+        g = max(1, GROUP_IMAGES // max(n, 1))
+        if t == 1 or g == 1:
+            return forward_per_task(self, params, x, return_features)
+        if t <= g:
+            return self._forward_grouped(params, x, return_features)
+        g = -(-t // -(-t // g))            # pieces of equal size: 16 tasks with g = 12 run as 8 + 8
+        parts = [self._forward_grouped({k: v[s:s + g] for k, v in params.items()}, x[s:s + g], return_features)
+                 for s in range(0, t, g)]
+        if return_features:
+            return torch.cat([o for o, _ in parts]), torch.cat([f for _, f in parts])
+        return torch.cat(parts)
+
+    def _forward_grouped(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                         return_features: bool | str = False):
+        """``forward_batched`` as one grouped computation over all the tasks of ``x``."""
+        blocks = list(self.blocks)
+        t, n = x.shape[:2]
         fmap, z = None, None
         for i, block in enumerate(blocks):
             pre = f"blocks.{i}."
