@@ -207,10 +207,9 @@ def per_task(model: nn.Module) -> nn.Module:
     (the ablation of Conv4's grouped and MLP's batched forwards)."""
 
     class PerTask(type(model)):
-        def __getattribute__(self, name):
-            if name == "forward_batched":
-                raise AttributeError(name)
-            return super().__getattribute__(name)
+        @property
+        def forward_batched(self):   # hasattr() is then False; other attribute lookups are untouched
+            raise AttributeError("forward_batched")
 
     PerTask.__name__ = type(model).__name__
     model.__class__ = PerTask

@@ -1,0 +1,86 @@
+"""What Conv4's grouped forward over tasks gives: a second-order MAML meta-step with and without it.
+
+``metagrad`` is the default learner (Conv4.forward_batched: the tasks of a chunk as grouped convolutions, at most
+``GROUP_IMAGES`` images per call); ``metagrad[per-task]`` is the same learner on a Conv4 without
+``forward_batched`` (one ``functional_call`` per task). Omniglot 5-way 1-shot shapes (random images: the cost does
+not depend on them), Conv4-64, one inner step, for several query counts per class; ``memory="auto"`` (lean chunks,
+plain MAML's default) and ``memory="graph"`` (what plug-ins with outer terms use). The two run in interleaved
+rounds in one process on the same tasks and weights; the median of each is reported, and the ratio.
+``--group-images`` also times other values of ``GROUP_IMAGES`` (the value it was chosen from).
+
+Usage:
+    .venv/bin/python benchmarks/grouped_forward.py [--queries 1 2 5 15] [--meta-batch 32] [--rounds 3]
+    .venv/bin/python benchmarks/grouped_forward.py --queries 1 5 15 --group-images 32 64 128 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import peers
+import torch
+from scaling import random_batch
+
+from metagrad import MAML
+from metagrad.models import Conv4
+from metagrad.models import conv4 as conv4_module
+
+
+def step_seconds(learner: MAML, batch, steps: int = 2) -> float:
+    learner.zero_grad()
+    learner.meta_loss(batch).loss.backward()          # warm-up of this round, not timed
+    t = time.perf_counter()
+    for _ in range(steps):
+        learner.zero_grad()
+        learner.meta_loss(batch).loss.backward()
+    return (time.perf_counter() - t) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 2, 5, 15])
+    ap.add_argument("--meta-batch", type=int, default=32)
+    ap.add_argument("--memory", nargs="+", default=["auto", "graph"], choices=["auto", "lean", "graph"])
+    ap.add_argument("--group-images", type=int, nargs="*", default=[],
+                    help="also time these values of conv4.GROUP_IMAGES (default: only the shipped one)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shipped = conv4_module.GROUP_IMAGES
+    settings = ["per-task", shipped] + [g for g in args.group_images if g != shipped]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; meta-batch {args.meta_batch}, "
+          f"second order, 1 inner step; GROUP_IMAGES = {shipped}\n")
+    print("| memory | queries / class | metagrad[per-task] s | " + " | ".join(
+        f"GROUP_IMAGES={g} s (×)" for g in settings[1:]) + " |")
+    print("|---|---|---|" + "---|" * (len(settings) - 1))
+    for memory in args.memory:
+        for q in args.queries:
+            torch.manual_seed(0)
+            grouped = Conv4(1, 5, 64, image_size=28)
+            plain = peers.per_task(Conv4(1, 5, 64, image_size=28))
+            plain.load_state_dict(grouped.state_dict())
+            batch = random_batch(args.meta_batch, 5, 28, queries=q)
+            times: dict = {s: [] for s in settings}
+            for _ in range(args.rounds):
+                for s in settings:
+                    if s != "per-task":
+                        conv4_module.GROUP_IMAGES = s
+                    model = plain if s == "per-task" else grouped
+                    times[s].append(step_seconds(MAML(model, inner_lr=0.4, memory=memory), batch))
+            conv4_module.GROUP_IMAGES = shipped
+            med = {s: statistics.median(v) for s, v in times.items()}
+            cells = " | ".join(f"{med[s]:.3f} ({med['per-task'] / med[s]:.2f}×)" for s in settings[1:])
+            print(f"| {memory} | {q} | {med['per-task']:.3f} | {cells} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
