@@ -144,6 +144,6 @@ def test_eval_queries_apply_to_validation_and_test_only():
 
 def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
     cfg = C.resolve("omniglot-5w1s-budget60")
-    assert (cfg.benchmark.queries, cfg.eval.queries, cfg.train.time_budget_min) == (1, 15, 55)
+    assert (cfg.benchmark.queries, cfg.eval.queries, cfg.train.time_budget_min) == (2, 15, 55)
     assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.4, 1, 3)
     assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.width) == (32, 1e-3, 64)
