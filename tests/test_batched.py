@@ -60,6 +60,16 @@ def assert_rel(got, want, rel=REL):
         assert err < rel, (n, err)
 
 
+def assert_same_derivatives(out, ref, inputs, weight=1.0):
+    """First and second derivatives of Σ weight·out² w.r.t. ``inputs`` equal those of the reference output."""
+    g = torch.autograd.grad((weight * out.square()).sum(), inputs, create_graph=True)
+    gr = torch.autograd.grad((weight * ref.square()).sum(), inputs, create_graph=True)
+    assert_rel(g, gr)
+    h = torch.autograd.grad(sum((a * a).sum() for a in g), inputs)
+    hr = torch.autograd.grad(sum((a * a).sum() for a in gr), inputs)
+    assert_rel(h, hr)
+
+
 def images(T=3, ways=3, shots=1, queries=2, size=28, channels=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).clone()
@@ -88,12 +98,7 @@ def test_conv4_forward_and_double_backward_match_definition(channels, size, bias
     theta = dict(model.named_parameters())
     out, ref = model(x), conv4_reference(theta, x, pool)
     assert_rel([out], [ref])
-    g = torch.autograd.grad(out.square().sum(), list(theta.values()), create_graph=True)
-    gr = torch.autograd.grad(ref.square().sum(), list(theta.values()), create_graph=True)
-    assert_rel(g, gr)
-    hv = torch.autograd.grad(sum((a * a).sum() for a in g), list(theta.values()))
-    hvr = torch.autograd.grad(sum((a * a).sum() for a in gr), list(theta.values()))
-    assert_rel(hv, hvr)
+    assert_same_derivatives(out, ref, list(theta.values()))
 
 
 def test_conv4_fused_block_steps_aside_for_hooks():
@@ -203,12 +208,7 @@ def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, siz
     assert_rel([out_m, fmap], [ref, want_map])
     # Each task's loss weighted differently, so a mix-up between tasks cannot cancel out.
     w = torch.arange(1, T + 1, dtype=torch.float64).view(T, 1, 1)
-    g1 = torch.autograd.grad((w * out.square()).sum(), list(params.values()), create_graph=True)
-    g2 = torch.autograd.grad((w * ref.square()).sum(), list(params.values()), create_graph=True)
-    assert_rel(g1, g2)
-    h1 = torch.autograd.grad(sum((a * a).sum() for a in g1), list(params.values()))
-    h2 = torch.autograd.grad(sum((a * a).sum() for a in g2), list(params.values()))
-    assert_rel(h1, h2)
+    assert_same_derivatives(out, ref, list(params.values()), w)
 
 
 def test_conv4_grouped_forward_batched_steps_aside_for_hooks_and_checks_shapes():
