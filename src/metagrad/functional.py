@@ -39,12 +39,13 @@ def supports_features(model: nn.Module) -> bool:
 
 
 def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                    return_features: bool = False):
+                    return_features: bool | str = False):
     """Run T tasks: ``params[name]`` is ``[T, *shape]`` and ``x`` is ``[T, N, *x_shape]``.
 
-    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked). Buffers come from the module.
+    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked; ``return_features`` is passed on as given,
+    e.g. Conv4's ``"map"``). Buffers come from the module.
     """
-    kwargs = {"return_features": True} if return_features else {}
+    kwargs = {"return_features": return_features} if return_features else {}
     if hasattr(model, "forward_batched"):
         return model.forward_batched(params, x, **kwargs)
     return forward_per_task(model, params, x, return_features)

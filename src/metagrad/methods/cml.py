@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .. import functional as fn
 from ..losses import task_accuracy
@@ -46,8 +45,8 @@ class CML(Plugin):
     * ``"conv"``: the official 84×84 design, conv3×3 → BN → ReLU → conv3×3 → BN → ReLU → MaxPool2 → flatten →
       Linear, on the last block's map before its pooling. Needs a model that exposes it: ``map_shape`` and
       ``forward(x, return_features="map") → (out, map)`` (:class:`~metagrad.models.Conv4`). The map costs one
-      extra query forward per task (a per-task functional call: the core's task-batched forward returns flat
-      features only). BN uses the statistics of each task's query set, as the library's models do; the convs
+      extra query forward (task-batched, ``functional.forward_batched(..., return_features="map")``: the core's
+      forward returns flat features only). BN uses the statistics of each task's query set, as the library's models do; the convs
       have no bias (the official code has one, but batch-statistics BN cancels it).
 
     What the spec leaves open and the reading taken: regression uses MSE (the learner's loss), out = output
@@ -118,9 +117,7 @@ class CML(Plugin):
         if self.head == "mlp":
             assert ctx.query_features is not None
             return self.co_learner(ctx.query_features)   # Linear layers act on the last dim: task-batched
-        model, qx = ctx.learner.model, ctx.batch.query_x
-        out = []
-        for t in range(qx.shape[0]):
-            _, fmap = functional_call(model, fn.task_slice(ctx.fast_params, t), (qx[t],), {"return_features": "map"})
-            out.append(self.co_learner(fmap))   # BN: statistics of this task's query set
-        return torch.stack(out)
+        # All tasks' maps in one batched forward (Conv4: grouped convolutions), then φ per task (its BN takes the
+        # statistics of that task's query set).
+        _, fmaps = fn.forward_batched(ctx.learner.model, ctx.fast_params, ctx.batch.query_x, return_features="map")
+        return torch.stack([self.co_learner(fmap) for fmap in fmaps.unbind(0)])
