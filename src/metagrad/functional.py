@@ -51,16 +51,20 @@ def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: tor
     return forward_per_task(model, params, x, return_features)
 
 
+def check_task_dims(params: Mapping[str, torch.Tensor], T: int) -> None:
+    """Every parameter must carry T tasks in its leading dimension (one clear error otherwise)."""
+    if any(p.shape[0] != T for p in params.values()):
+        raise ValueError(f"forward_batched: x has {T} tasks but the parameters' leading dims are "
+                         f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
+
+
 def forward_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                      return_features: bool | str = False):
     """``forward_batched`` as a loop: ``functional_call`` once per task, outputs stacked (any module)."""
     kwargs = {"return_features": return_features} if return_features else {}
+    check_task_dims(params, x.shape[0])
     # One unbind per tensor, not a select per task: the backward of T selects writes T zero-filled
     # [T, *shape] gradients (O(T²) memory traffic); one unbind's backward is a single stack.
-    T = x.shape[0]
-    if any(p.shape[0] != T for p in params.values()):
-        raise ValueError(f"forward_batched: x has {T} tasks but the parameters' leading dims are "
-                         f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
     names, slices = list(params), [p.unbind(0) for p in params.values()]
     outs = [functional_call(model, dict(zip(names, ps)), (xt,), kwargs) for xt, *ps in zip(x.unbind(0), *slices)]
     if return_features:

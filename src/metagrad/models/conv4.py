@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad.functional import forward_per_task
+from metagrad.functional import check_task_dims, forward_per_task
 
 BN_EPS = 1e-5
 
@@ -33,12 +33,7 @@ class ConvBlock(nn.Module):
         Pooling comes before the ReLU (max-pooling commutes with a monotone function, exactly, in floating point
         too), so the ReLU and its backward touch a quarter of the elements.
         """
-        x = self._normalised(x)
-        if self.pool == "max":
-            if x.device.type == "cpu":   # the CPU max-pooling kernel is ~10× faster channels-last
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = F.max_pool2d(x, 2)
-        return torch.relu(x)
+        return _pool_relu(self._normalised(x), self.pool)
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         """BatchNorm(conv(x)). A block with few input channels and no conv bias (the first block) fuses the two
@@ -120,9 +115,9 @@ def _conv_bn_fused_tasks(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Ten
 
 
 def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
-    """``ConvBlock.forward``'s tail: max-pooling (channels-last on the CPU) before the ReLU."""
+    """A block's tail: max-pooling before the ReLU (see ``ConvBlock.forward``)."""
     if pool == "max":
-        if x.device.type == "cpu":
+        if x.device.type == "cpu":   # the CPU max-pooling kernel is ~10× faster channels-last
             x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(x, 2)
     return torch.relu(x)
@@ -205,9 +200,7 @@ class Conv4(nn.Module):
             raise ValueError(f"Conv4.forward_batched: x of shape {list(x.shape)} does not fit: expected "
                              f"[T, n, {blocks[0].conv.in_channels}, H, W]")
         t, n = x.shape[:2]
-        if any(p.shape[0] != t for p in params.values()):
-            raise ValueError(f"forward_batched: x has {t} tasks but the parameters' leading dims are "
-                             f"{sorted({p.shape[0] for p in params.values()})}; pass [T, *shape] parameters")
+        check_task_dims(params, t)
         g = max(1, GROUP_IMAGES // max(n, 1))
         if t == 1 or g == 1:
             return forward_per_task(self, params, x, return_features)
