@@ -24,15 +24,18 @@ REL = 1e-10
 
 
 def conv4_reference(params: dict[str, torch.Tensor], x: torch.Tensor, pool: str = "max") -> torch.Tensor:
-    """Conv4 from its definition: conv → BatchNorm (batch statistics) → ReLU → MaxPool, then a Linear head."""
+    """Conv4 from its definition: conv → BatchNorm (batch statistics) → ReLU → MaxPool, then a Linear head;
+    pool="stride": stride-2 convolutions, no pooling, the last map averaged over its positions (Finn et al.)."""
     for i in range(4):
         p = f"blocks.{i}."
-        x = F.conv2d(x, params[p + "conv.weight"], params.get(p + "conv.bias"), padding=1)
+        x = F.conv2d(x, params[p + "conv.weight"], params.get(p + "conv.bias"), padding=1,
+                     stride=2 if pool == "stride" else 1)
         x = F.batch_norm(x, None, None, params[p + "bn.weight"], params[p + "bn.bias"], training=True, eps=1e-5)
         x = torch.relu(x)
         if pool == "max":
             x = F.max_pool2d(x, 2)
-    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
+    feats = x.mean((2, 3)) if pool == "stride" else x.flatten(1)
+    return F.linear(feats, params["head.weight"], params["head.bias"])
 
 
 def reference(forward, theta, batch, lr, steps, first_order, loss_fn, adapt=None):
@@ -91,7 +94,8 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
 
 # -- Conv4's forward -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("channels,size,bias,pool", [(1, 28, False, "max"), (3, 32, False, "max"),
-                                                     (1, 28, True, "max"), (1, 12, False, "none")])
+                                                     (1, 28, True, "max"), (1, 12, False, "none"),
+                                                     (1, 28, False, "stride"), (3, 21, True, "stride")])
 def test_conv4_forward_and_double_backward_match_definition(channels, size, bias, pool):
     model = randomised(Conv4(channels, ways=4, width=6, bias=bias, pool=pool, image_size=size))
     x = torch.rand(5, channels, size, size, dtype=torch.float64)
@@ -184,6 +188,7 @@ def test_forward_batched_loop_equals_per_task_calls():
 @pytest.mark.parametrize("channels,size,bias,pool,group_images", [
     (1, 28, False, "max", 64), (3, 32, False, "max", 64), (1, 28, True, "max", 64), (4, 12, False, "none", 64),
     (1, 28, False, "max", 8),     # 4 images per task: groups of 2 tasks, then 1
+    (1, 28, False, "stride", 64), (3, 21, True, "stride", 64),
 ])
 def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool, group_images,
                                                                    monkeypatch):

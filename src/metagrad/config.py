@@ -55,7 +55,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (Finn: 40-40); GCN: [16]
     width: int = 64                     # Conv4 filters per block (32 for mini-ImageNet in Finn et al.)
     bias: bool = False                  # Conv4 conv bias: redundant before batch norm, so off
-    pool: str = "max"                   # Conv4 pooling: "max", or "none" for strided-free feature maps
+    pool: str = "max"                   # Conv4 pooling: "max", "stride" (Finn et al.'s Omniglot net) or "none"
     dropout: float = 0.0                # GCN dropout; 0 keeps the inner loop a deterministic function
 
 
@@ -128,7 +128,7 @@ class Config:
         return sorted({0, 1, k}) if task_type == "regression" else [k]
 
 
-_CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "none"),
+_CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "stride", "none"),
             "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
             "train.precision": ("fp32", "bf16"), "train.meta_lr_schedule": ("constant", "cosine"),
             "eval.split": ("train", "val", "test")}

@@ -14,11 +14,13 @@ BN_EPS = 1e-5
 
 
 class ConvBlock(nn.Module):
-    """Conv2d 3×3 → BatchNorm2d (batch statistics always) → ReLU → MaxPool2d(2)."""
+    """Conv2d 3×3 → BatchNorm2d (batch statistics always) → ReLU → MaxPool2d(2); with ``pool="stride"`` the
+    convolution has stride 2 and nothing pools, with ``pool="none"`` neither."""
 
     def __init__(self, in_channels: int, width: int, bias: bool, pool: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=bias)
+        stride = 2 if pool == "stride" else 1
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=bias)
         # Batch statistics in training and evaluation alike: the convention of every MAML code base.
         self.bn = nn.BatchNorm2d(width, eps=BN_EPS, affine=True, track_running_stats=False)
         self.pool = pool
@@ -39,7 +41,8 @@ class ConvBlock(nn.Module):
         """BatchNorm(conv(x)). A block with few input channels and no conv bias (the first block) fuses the two
         into one matrix product, ``_conv_bn_fused``, unless a forward hook watches the modules."""
         if self.conv.bias is None and self.conv.in_channels * 9 <= _FUSE_MAX_K and not _hooked(self.conv, self.bn):
-            return _conv_bn_fused(x, self.conv.weight, self.bn.weight, self.bn.bias, self.bn.eps)
+            return _conv_bn_fused(x, self.conv.weight, self.bn.weight, self.bn.bias, self.bn.eps,
+                                  self.conv.stride[0])
         x = self.conv(x)
         if x.device.type == "cpu":
             # BatchNorm in NCHW: the channels-last CPU kernel sums each channel naively (float32 loses ~3 digits
@@ -60,12 +63,15 @@ def _hooked(*modules: nn.Module) -> bool:
 # (Omniglot: 9, RGB: 27); wider inputs use the convolution kernel.
 _FUSE_MAX_K = 32
 
+# Conv4's pooling choices (see Conv4).
+POOLS = ("max", "stride", "none")
+
 # Conv4.forward_batched: how many images (tasks × images per task) one grouped computation takes at most.
 GROUP_IMAGES = 64
 
 
 def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+                   eps: float, stride: int = 1) -> torch.Tensor:
     """BatchNorm(conv3x3(x)) with batch statistics, as one ``addmm`` on the unfolded input patches ``U``.
 
     With y = U·w per pixel, BatchNorm's statistics are mean(y) = mean(U)·w and var(y) = wᵀ·Cov(U)·w, so
@@ -75,9 +81,10 @@ def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, b
     channels-last (``[N, H, W, C]`` in memory), the layout in which the CPU kernels of the following
     BatchNorm and pooling layers are fastest; mkldnn convolutions keep it.
     """
-    n, c, h, w_ = x.shape
+    n, c = x.shape[:2]
     k = weight.shape[-1]
-    u = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(n * h * w_, c * k * k)   # [P, K]
+    h, w_ = _out_size(x.shape[2], k, stride), _out_size(x.shape[3], k, stride)
+    u = F.unfold(x, k, padding=k // 2, stride=stride).transpose(1, 2).reshape(n * h * w_, c * k * k)   # [P, K]
     # Statistics in float64 at least: neighbouring pixels are strongly correlated, so wᵀ·Cov(U)·w cancels
     # (float32 loses ~4 digits on Omniglot); the [K, K] algebra costs nothing.
     acc = torch.promote_types(x.dtype, torch.float64)
@@ -95,13 +102,14 @@ def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, b
 
 
 def _conv_bn_fused_tasks(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                         eps: float) -> torch.Tensor:
+                         eps: float, stride: int = 1) -> torch.Tensor:
     """``_conv_bn_fused`` for T tasks at once: ``x`` ``[T, n, C, H, W]``, ``weight`` ``[T, O, C, k, k]``,
     ``gamma``/``beta`` ``[T, O]``; statistics per task, batched products. Returns ``[T·n, O, H, W]``,
     channels-last in memory."""
-    t, n, c, h, w_ = x.shape
+    t, n, c = x.shape[:3]
     k = weight.shape[-1]
-    u = F.unfold(x.reshape(t * n, c, h, w_), k, padding=k // 2)                       # [T·n, K, H·W]
+    h, w_ = _out_size(x.shape[3], k, stride), _out_size(x.shape[4], k, stride)
+    u = F.unfold(x.flatten(0, 1), k, padding=k // 2, stride=stride)                   # [T·n, K, H·W]
     u = u.transpose(1, 2).reshape(t, n * h * w_, c * k * k)                            # [T, P, K]
     acc = torch.promote_types(x.dtype, torch.float64)
     uc = u.to(acc)
@@ -112,6 +120,11 @@ def _conv_bn_fused_tasks(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Ten
     scale = (gamma.to(acc) * torch.rsqrt(((w64 @ cov) * w64).sum(2) + eps)).to(x.dtype)
     y = torch.baddbmm(beta.unsqueeze(1), uc.to(x.dtype), (wf * scale.unsqueeze(2)).transpose(1, 2).contiguous())
     return y.view(t * n, h, w_, -1).permute(0, 3, 1, 2)
+
+
+def _out_size(size: int, k: int, stride: int) -> int:
+    """Output height (or width) of a k×k convolution with padding k // 2."""
+    return (size + 2 * (k // 2) - k) // stride + 1
 
 
 def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -126,6 +139,9 @@ def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
 class Conv4(nn.Module):
     """Four conv blocks, then flatten → Linear(width·s·s, ways); a plain ``nn.Module``.
 
+    ``pool="stride"`` is Finn et al.'s Omniglot network (their code's default for Omniglot): 3×3 convolutions of
+    stride 2 instead of max-pooling, and the last map averaged over its positions → Linear(width, ways).
+
     ``named_parameters()`` order: per block ``conv.weight, [conv.bias], bn.weight, bn.bias``; then
     ``head.weight, head.bias``.
 
@@ -137,7 +153,8 @@ class Conv4(nn.Module):
         ways: output classes.
         width: filters per block (32, 48, 64 or 128 in the literature).
         bias: conv bias (off by default: batch normalisation follows every conv).
-        pool: "max" (MaxPool2d(2) per block) or "none" (stride-free; then s = image_size).
+        pool: "max" (MaxPool2d(2) per block), "stride" (stride-2 convolutions, spatial mean at the end) or
+            "none" (stride-free; then s = image_size).
         image_size: input height = width, to size the head.
 
     Example:
@@ -150,8 +167,8 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, ways: int = 5, width: int = 64, bias: bool = False,
                  pool: str = "max", image_size: int = 28) -> None:
         super().__init__()
-        if pool not in ("max", "none"):
-            raise ValueError(f"Conv4 pool must be 'max' or 'none', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"Conv4 pool must be one of {', '.join(map(repr, POOLS))}, got {pool!r}")
         self.blocks = nn.ModuleList(
             ConvBlock(in_channels if i == 0 else width, width, bias, pool) for i in range(4)
         )
@@ -159,11 +176,14 @@ class Conv4(nn.Module):
         if pool == "max":
             for _ in range(4):
                 s //= 2
+        elif pool == "stride":
+            for _ in range(4):
+                s = _out_size(s, 3, 2)
         if s < 1:
             raise ValueError(f"Conv4: image_size {image_size} is too small for four 2× poolings")
-        self.feature_dim = width * s * s
+        self.feature_dim = width if pool == "stride" else width * s * s
         # Shape of the last block's map before its pooling, for forward(x, return_features="map") (CML's conv head).
-        pre = image_size // 8 if pool == "max" else image_size
+        pre = image_size // 8 if pool == "max" else s
         self.map_shape = (width, pre, pre)
         self.head = nn.Linear(self.feature_dim, ways)
         self.width, self.pool, self.has_bias = width, pool, bias
@@ -173,7 +193,7 @@ class Conv4(nn.Module):
             return self._forward_map(x)
         for block in self.blocks:
             x = block(x)
-        feats = x.flatten(1)
+        feats = self._features(x)
         out = self.head(feats)
         return (out, feats) if return_features else out
 
@@ -223,7 +243,8 @@ class Conv4(nn.Module):
             pre = f"blocks.{i}."
             w = params[pre + "conv.weight"]
             if i == 0 and block.conv.bias is None and block.conv.in_channels * 9 <= _FUSE_MAX_K:
-                y = _conv_bn_fused_tasks(x, w, params[pre + "bn.weight"], params[pre + "bn.bias"], block.bn.eps)
+                y = _conv_bn_fused_tasks(x, w, params[pre + "bn.weight"], params[pre + "bn.bias"], block.bn.eps,
+                                         block.conv.stride[0])
                 y = _pool_relu(y, block.pool)                                          # [T·n, O, h, w]
                 # NCHW for every T (for T = 1 the reshape alone would keep the channels-last strides, and the
                 # convolution kernel, hence the rounding, would depend on the number of tasks).
@@ -233,7 +254,7 @@ class Conv4(nn.Module):
                 z = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])         # [n, T·C, H, W]
             bias = params.get(pre + "conv.bias")
             z = F.conv2d(z, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
-                         padding=1, groups=t)
+                         stride=block.conv.stride, padding=1, groups=t)
             if z.device.type == "cpu":
                 z = z.contiguous()   # NCHW batch normalisation: see ConvBlock._normalised
             z = F.batch_norm(z, None, None, params[pre + "bn.weight"].reshape(-1), params[pre + "bn.bias"].reshape(-1),
@@ -241,7 +262,7 @@ class Conv4(nn.Module):
             if return_features == "map" and i == len(blocks) - 1:
                 fmap = torch.relu(z)
             z = _pool_relu(z, block.pool)
-        feats = z.reshape(n, t, -1).transpose(0, 1)                                    # [T, n, F]
+        feats = self._features(z).reshape(n, t, -1).transpose(0, 1)                    # [T, n, F]
         out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
         if return_features == "map":
             return out, fmap.reshape(n, t, -1, *fmap.shape[2:]).transpose(0, 1)
@@ -254,4 +275,9 @@ class Conv4(nn.Module):
         last = self.blocks[-1]
         fmap = last.pre_pool(x)
         x = F.max_pool2d(fmap, 2) if last.pool == "max" else fmap
-        return self.head(x.flatten(1)), fmap
+        return self.head(self._features(x)), fmap
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input from the last block's output ``[N, C, s, s]``: flattened, or averaged over the
+        positions for ``pool="stride"`` (Finn et al.'s Omniglot network)."""
+        return x.mean((2, 3)) if self.pool == "stride" else x.flatten(1)
