@@ -257,6 +257,17 @@ def test_cosine_meta_lr_schedule():
         C.resolve("sinusoid-10shot", ["train.meta_lr_schedule=linear"])
 
 
+def test_step_meta_lr_schedule():
+    from metagrad.train import meta_lr
+
+    t = C.resolve("sinusoid-10shot", ["train.iterations=100", "train.meta_lr=1e-3", "train.meta_lr_min=1e-4",
+                                      "train.meta_lr_schedule=step", "train.meta_lr_step_at=0.75"]).train
+    assert [meta_lr(t, i) for i in (0, 74, 75, 99)] == [1e-3, 1e-3, 1e-4, 1e-4]
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(C.ConfigError, match="meta_lr_step_at"):
+            C.resolve("sinusoid-10shot", [f"train.meta_lr_step_at={bad}"])
+
+
 def test_cosine_schedule_is_applied_logged_and_resumes_bit_for_bit(tmp_path):
     cfg = tiny("train.meta_lr_schedule=cosine", "train.meta_lr=1e-2", "train.meta_lr_min=1e-4")
     whole, broken = tmp_path / "whole", tmp_path / "broken"

@@ -78,8 +78,10 @@ class TrainConfig:
     meta_batch_size: int = 32           # tasks per meta-update
     meta_lr: float = 1e-3               # Adam step size on θ and the plug-ins' parameters
     meta_lr_schedule: str = "constant"  # constant | cosine: anneal meta_lr to meta_lr_min over `iterations`
-                                        # (MAML++'s cosine annealing, Antoniou et al. 2019)
-    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5)
+                                        # (MAML++'s cosine annealing, Antoniou et al. 2019) | step: meta_lr,
+                                        # then meta_lr_min from iteration meta_lr_step_at · iterations on
+    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5); step's second
+    meta_lr_step_at: float = 0.8        # step schedule: the fraction of `iterations` after which meta_lr_min
     seed: int = 0                       # model initialisation and the training task stream
     grad_clip: float | None = None      # clip the meta-gradient's global norm; None: no clipping
     log_every: int = 100                # iterations per metrics.jsonl line (values averaged over the window)
@@ -130,7 +132,7 @@ class Config:
 
 _CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "stride", "none"),
             "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
-            "train.precision": ("fp32", "bf16"), "train.meta_lr_schedule": ("constant", "cosine"),
+            "train.precision": ("fp32", "bf16"), "train.meta_lr_schedule": ("constant", "cosine", "step"),
             "eval.split": ("train", "val", "test")}
 _AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
                "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "eval.queries",
@@ -344,6 +346,9 @@ def validate(cfg: Config) -> None:
         v = _get(cfg, key)
         if v is not None and not (0 < v < math.inf):  # also refuses nan and inf
             raise ConfigError(f"{key}: must be > 0 and finite, got {v}")
+    if not 0 <= cfg.train.meta_lr_step_at <= 1:
+        raise ConfigError(f"train.meta_lr_step_at: a fraction of train.iterations in [0, 1], "
+                          f"got {cfg.train.meta_lr_step_at}")
     if cfg.eval.inner_steps is not None and (not cfg.eval.inner_steps or min(cfg.eval.inner_steps) < 0):
         raise ConfigError(f"eval.inner_steps: expected non-negative step counts, got {cfg.eval.inner_steps}")
     if len(set(cfg.plugins)) != len(cfg.plugins):

@@ -284,9 +284,13 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
 def meta_lr(t: C.TrainConfig, it: int) -> float:
     """The meta step size of iteration ``it`` (0-based): ``meta_lr``, or with ``meta_lr_schedule="cosine"``
     (MAML++, Antoniou et al., "How to train your MAML", ICLR 2019) ``meta_lr_min + (meta_lr − meta_lr_min) ·
-    (1 + cos(π·it/iterations))/2``. A function of the iteration alone, so a resumed run takes the same steps."""
+    (1 + cos(π·it/iterations))/2``, or with ``"step"`` ``meta_lr`` until ``meta_lr_step_at · iterations``, then
+    ``meta_lr_min`` (the classic late drop of the step size once the accuracy plateaus). A function of the
+    iteration alone, so a resumed run takes the same steps."""
     if t.meta_lr_schedule == "constant":
         return t.meta_lr
+    if t.meta_lr_schedule == "step":
+        return t.meta_lr if it < t.meta_lr_step_at * t.iterations else t.meta_lr_min
     return t.meta_lr_min + (t.meta_lr - t.meta_lr_min) * (1 + math.cos(math.pi * it / t.iterations)) / 2
 
 
