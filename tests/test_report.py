@@ -91,6 +91,19 @@ def test_significance_only_without_overlap():
     assert compare(Stat("accuracy", 0.95, 0.01, 600, [0.95]), acc) == "▲ better"
 
 
+def test_every_shipped_study_resolves_every_cell(tmp_path):
+    from metagrad.study import cell_config, cells, studies
+
+    assert {"issue7", "issue7-cpu", "issue7-omniglot-cpu", "issue7-omniglot20-cpu"} <= set(studies())
+    for name in studies():
+        study = load_study(name)
+        for cell in cells(study, tmp_path, seeds=1):
+            cfg = cell_config(study, cell)
+            assert cfg.plugins == cell.plugins and cfg.train.seed == 0, (name, cell)
+    cfg = cell_config(study := load_study("issue7-omniglot20-cpu"), cells(study, tmp_path, seeds=1)[-1])
+    assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
+
+
 def test_methods_labels_and_bad_studies(tmp_path, capsys):
     assert method_plugins("maml") == [] and method_plugins("meta_gna+cml") == ["meta_gna", "cml"]
     assert method_label(["trlearner", "cml", "meta_gna"]) == "cml+meta_gna+trlearner"
