@@ -2,9 +2,10 @@
 
 ``pool="max"`` (3×3 convolutions of stride 1, MaxPool2d(2) per block, flattened features; MAML++ and most
 reproductions) and ``pool="stride"`` (3×3 convolutions of stride 2, no pooling, the last map averaged; Finn et
-al.'s code for Omniglot): the strided net computes every convolution at a quarter of the positions. Omniglot 5-way 1-shot shapes (random images: the cost does not depend
-on them), Conv4-64, one inner step, metagrad's default learner; the two run in interleaved rounds in one process
-on the same tasks, the median of each is reported, and the ratio.
+al.'s code for Omniglot): the strided net computes every convolution at a quarter of the positions. Omniglot
+5-way 1-shot shapes (random images: the cost does not depend on them), Conv4-64, one inner step, metagrad's
+default learner; the two run in interleaved rounds in one process on the same tasks, the median of each is
+reported, and the ratio.
 
 Usage:
     .venv/bin/python benchmarks/conv4_pool.py [--queries 1 2 5 15] [--meta-batch 32] [--rounds 3]

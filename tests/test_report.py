@@ -100,7 +100,8 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
         for cell in cells(study, tmp_path, seeds=1):
             cfg = cell_config(study, cell)
             assert cfg.plugins == cell.plugins and cfg.train.seed == 0, (name, cell)
-    cfg = cell_config(study := load_study("issue7-omniglot20-cpu"), cells(study, tmp_path, seeds=1)[-1])
+    study = load_study("issue7-omniglot20-cpu")
+    cfg = cell_config(study, cells(study, tmp_path, seeds=1)[-1])   # the all-in combination, CxGrad included
     assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
 
 

@@ -80,8 +80,9 @@ class TrainConfig:
     meta_lr_schedule: str = "constant"  # constant | cosine: anneal meta_lr to meta_lr_min over `iterations`
                                         # (MAML++'s cosine annealing, Antoniou et al. 2019) | step: meta_lr,
                                         # then meta_lr_min from iteration meta_lr_step_at · iterations on
-    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5); step's second
-    meta_lr_step_at: float = 0.8        # step schedule: the fraction of `iterations` after which meta_lr_min
+    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5), the step
+                                        # schedule's second one
+    meta_lr_step_at: float = 0.8        # step schedule: the fraction of `iterations` at which it drops
     seed: int = 0                       # model initialisation and the training task stream
     grad_clip: float | None = None      # clip the meta-gradient's global norm; None: no clipping
     log_every: int = 100                # iterations per metrics.jsonl line (values averaged over the window)
