@@ -94,7 +94,8 @@ def test_significance_only_without_overlap():
 def test_every_shipped_study_resolves_every_cell(tmp_path):
     from metagrad.study import cell_config, cells, studies
 
-    assert {"issue7", "issue7-cpu", "issue7-omniglot-cpu", "issue7-omniglot20-cpu"} <= set(studies())
+    assert {"issue7", "issue7-cpu", "issue7-omniglot-cpu", "issue7-omniglot20-cpu", "issue7-omniglot-no-norm-cpu",
+            "issue7-omniglot20-no-norm-cpu"} <= set(studies())
     for name in studies():
         study = load_study(name)
         for cell in cells(study, tmp_path, seeds=1):
@@ -103,6 +104,18 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
     study = load_study("issue7-omniglot20-cpu")
     cfg = cell_config(study, cells(study, tmp_path, seeds=1)[-1])   # the all-in combination, CxGrad included
     assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
+    # The no-norm MAML studies hold the row the report compares CxGrad and the combination with.
+    from metagrad.report import _baseline_signature
+
+    for main_study, twin_study in [("issue7-omniglot-cpu", "issue7-omniglot-no-norm-cpu"),
+                                   ("issue7-omniglot20-cpu", "issue7-omniglot20-no-norm-cpu")]:
+        twin = load_study(twin_study)
+        (maml_cell,) = cells(twin, tmp_path, seeds=1)
+        maml_sig = _baseline_signature(cell_config(twin, maml_cell))
+        study = load_study(main_study)
+        with_cxgrad = [c for c in cells(study, tmp_path, seeds=1) if "cxgrad" in c.plugins]
+        assert len(with_cxgrad) == 2
+        assert all(_baseline_signature(cell_config(study, c)) == maml_sig for c in with_cxgrad)
 
 
 def test_methods_labels_and_bad_studies(tmp_path, capsys):
@@ -115,3 +128,20 @@ def test_methods_labels_and_bad_studies(tmp_path, capsys):
     bad.write_text('presets = ["sinusoid-5shot"]\nmethods = ["maml"]\nseedz = 2\n')
     assert main(["study", str(bad)]) == 2
     assert "unknown study keys seedz" in capsys.readouterr().err
+
+
+def test_a_method_is_compared_with_the_maml_row_of_its_own_config(tmp_path):
+    # Study A: MAML at the preset, and Meta-GNA at another inner step size; study B: MAML at that step size.
+    # Meta-GNA's row must be compared with B's MAML row (the same config apart from the plug-in), not A's.
+    short = [*TINY, "train.iterations=10"]
+    a = Study(name="a", presets=["sinusoid-5shot"], methods=["maml", "meta_gna"], seeds=1, set=short,
+              method_set={"meta_gna": ["maml.inner_lr=0.02"]})
+    b = Study(name="b", presets=["sinusoid-5shot"], methods=["maml"], seeds=1, set=[*short, "maml.inner_lr=0.02"])
+    run_study(a, tmp_path / "a", report=False, progress=False)
+    run_study(b, tmp_path / "b", report=False, progress=False)
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text().split("## Test results")[1].split("##")[0]
+    rows = {r.split(" | ")[1]: r for r in table.splitlines() if r.startswith("| sinusoid-5shot |")}
+    assert set(rows) >= {"maml", "maml [v2]", "meta_gna"}
+    assert "(vs maml [v2])" in rows["meta_gna"]
+    assert "maml.inner_lr=0.02" in (tmp_path / "rep" / "report.md").read_text().split("maml [v2]")[-1]

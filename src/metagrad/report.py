@@ -14,7 +14,9 @@ Statistics, per row and evaluated (benchmark, inner steps):
   ``1.96 · sd / √(S·n)``.
 - a method differs significantly from MAML on the same preset only when the two pooled 95% intervals do not
   overlap (``▲`` better, ``▼`` worse); otherwise ``n.s.``. Overlapping intervals can still hide a real
-  difference: this rule only avoids claiming one that the data do not support.
+  difference: this rule only avoids claiming one that the data do not support. The MAML row compared with is
+  the one whose resolved config equals the method's apart from the seed and the plug-ins, when the runs hold
+  one (e.g. MAML with ``maml.adapt=no_norm`` for CxGrad run that way), else the preset's plain MAML row.
 
 Example:
     >>> write_report(["runs/study-issue7-cpu"], "runs/study-issue7-cpu/report")
@@ -167,6 +169,13 @@ def _signature(cfg: C.Config) -> str:
     return json.dumps(flat, sort_keys=True, default=str)
 
 
+def _baseline_signature(cfg: C.Config) -> str:
+    """The config apart from the seed and the plug-ins: a method row's matching MAML row has the same one."""
+    flat = {k: v for k, v in C._leaves(C.to_dict(cfg)).items()
+            if k not in SEED_KEYS and k != "plugins" and not k.startswith("plugin_args")}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
 def _overrides(cfg: C.Config) -> list[str]:
     """The resolved config's differences from its preset (seed aside), as ``key=value``."""
     try:
@@ -231,10 +240,16 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
     head = ["benchmark", "method", "metric", "mean ± 95% CI", "vs MAML", "per-seed means", "tasks", "seeds",
             "iterations", "train wall s/seed"]
     main, steps_rows = [], []
+    # A method row is compared with the MAML row of the same config apart from the plug-ins (e.g. CxGrad with
+    # adapt=no_norm against MAML with adapt=no_norm) when the runs hold one, else with the preset's MAML row.
     base: dict[tuple[str, str, int], Stat] = {}
+    matched: dict[tuple[str, str, int], tuple[Row, Stat]] = {}
     for row in rows:
-        if row.method == "maml" and not row.variant:
-            base.update({(row.preset, b, k): s for (b, k), s in row.stats().items()})
+        if row.method == "maml":
+            sig = _baseline_signature(row.runs[0].cfg)
+            matched.update({(sig, b, k): (row, s) for (b, k), s in row.stats().items()})
+            if not row.variant:
+                base.update({(row.preset, b, k): s for (b, k), s in row.stats().items()})
     for row in rows:
         stats = row.stats()
         k = _main_steps(row)
@@ -245,8 +260,11 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             cross = bench != own
             if steps != k and not cross:
                 continue
-            ref = base.get((row.preset, bench, steps))
+            twin = matched.get((_baseline_signature(row.runs[0].cfg), bench, steps))
+            ref = twin[1] if twin else base.get((row.preset, bench, steps))
             vs = "(reference)" if row.method == "maml" else compare(s, ref) if ref else "–"
+            if twin and twin[0].variant and row.method != "maml":
+                vs += f" (vs {twin[0].name})"
             label = f"{row.preset} → {bench}" if cross else row.preset
             main.append([label, row.name, f"{s.metric} ({steps} steps)", _fmt(s), vs, _seed_fmt(s), str(s.tasks),
                          str(len(s.seed_means)), str(row.runs[0].iteration), wall])
@@ -336,7 +354,9 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>metagrad r
              "</head><body><h1>metagrad report</h1>")
 RULE = ("Pooled mean over seeds × test tasks ± 95% CI = 1.96·sd/√n, sd over all seed × task values and n the "
         "number of distinct test tasks (the seeds share the test tasks). A method is marked ▲/▼ against MAML on "
-        "the same benchmark only when the two 95% intervals do not overlap; otherwise n.s. (not significant).")
+        "the same benchmark only when the two 95% intervals do not overlap; otherwise n.s. (not significant). "
+        "The MAML row is the one with the method's config apart from the plug-ins when there is one (named "
+        "in the column, e.g. vs maml [v2]), else the preset's plain MAML row.")
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,
