@@ -105,17 +105,17 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
     cfg = cell_config(study, cells(study, tmp_path, seeds=1)[-1])   # the all-in combination, CxGrad included
     assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
     # The no-norm MAML studies hold the row the report compares CxGrad and the combination with.
-    from metagrad.report import _baseline_signature
+    from metagrad.report import _signature
 
     for main_study, twin_study in [("issue7-omniglot-cpu", "issue7-omniglot-no-norm-cpu"),
                                    ("issue7-omniglot20-cpu", "issue7-omniglot20-no-norm-cpu")]:
         twin = load_study(twin_study)
         (maml_cell,) = cells(twin, tmp_path, seeds=1)
-        maml_sig = _baseline_signature(cell_config(twin, maml_cell))
+        maml_sig = _signature(cell_config(twin, maml_cell), plugins=False)
         study = load_study(main_study)
         with_cxgrad = [c for c in cells(study, tmp_path, seeds=1) if "cxgrad" in c.plugins]
         assert len(with_cxgrad) == 2
-        assert all(_baseline_signature(cell_config(study, c)) == maml_sig for c in with_cxgrad)
+        assert all(_signature(cell_config(study, c), plugins=False) == maml_sig for c in with_cxgrad)
 
 
 def test_methods_labels_and_bad_studies(tmp_path, capsys):
@@ -142,6 +142,10 @@ def test_a_method_is_compared_with_the_maml_row_of_its_own_config(tmp_path):
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep")]) == 0
     table = (tmp_path / "rep" / "report.md").read_text().split("## Test results")[1].split("##")[0]
     rows = {r.split(" | ")[1]: r for r in table.splitlines() if r.startswith("| sinusoid-5shot |")}
-    assert set(rows) >= {"maml", "maml [v2]", "meta_gna"}
-    assert "(vs maml [v2])" in rows["meta_gna"]
-    assert "maml.inner_lr=0.02" in (tmp_path / "rep" / "report.md").read_text().split("maml [v2]")[-1]
+    # B's MAML row is named by what differs from A's; the run-directory table lists it with its override.
+    assert set(rows) >= {"maml", "maml [maml.inner_lr=0.02]", "meta_gna"}
+    verdict = rows["meta_gna"].split(" | ")[4]
+    assert verdict.split(" (vs ")[0] in ("n.s.", "▲ better", "▼ worse")
+    assert verdict.endswith("(vs maml [maml.inner_lr=0.02])")
+    runs_table = (tmp_path / "rep" / "report.md").read_text().split("## Run directories")[1]
+    assert any("maml [maml.inner_lr=0.02]" in r and str(tmp_path / "b") in r for r in runs_table.splitlines())

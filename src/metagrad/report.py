@@ -164,26 +164,26 @@ def load_run(path: Path, compute: bool = True) -> Run | None:
     return Run(path, cfg, list(final.values()), read_metrics(path), diag, last)
 
 
-def _signature(cfg: C.Config) -> str:
-    flat = {k: v for k, v in C._leaves(C.to_dict(cfg)).items() if k not in SEED_KEYS}
+def _signature(cfg: C.Config, plugins: bool = True) -> str:
+    """The resolved config apart from the seed (and the plug-ins and their arguments when ``plugins`` is false:
+    a method row's matching MAML row has the same one)."""
+    flat = {k: v for k, v in C._leaves(C.to_dict(cfg)).items() if k not in SEED_KEYS
+            and (plugins or not (k == "plugins" or k.startswith("plugin_args")))}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
-def _baseline_signature(cfg: C.Config) -> str:
-    """The config apart from the seed and the plug-ins: a method row's matching MAML row has the same one."""
-    flat = {k: v for k, v in C._leaves(C.to_dict(cfg)).items()
-            if k not in SEED_KEYS and k != "plugins" and not k.startswith("plugin_args")}
-    return json.dumps(flat, sort_keys=True, default=str)
+def _changes(cfg: C.Config, base: C.Config) -> list[str]:
+    """``key=value`` for every key (seed aside) where ``cfg`` differs from ``base``."""
+    now, was = C._leaves(C.to_dict(cfg)), C._leaves(C.to_dict(base))
+    return [f"{k}={json.dumps(now.get(k))}" for k in C.diff(base, cfg) if k not in SEED_KEYS and now.get(k) != was.get(k)]
 
 
 def _overrides(cfg: C.Config) -> list[str]:
     """The resolved config's differences from its preset (seed aside), as ``key=value``."""
     try:
-        base = C.resolve(cfg.name)
+        return _changes(cfg, C.resolve(cfg.name))
     except C.ConfigError:
         return ["(not a preset: see config.json)"]
-    now, was = C._leaves(C.to_dict(cfg)), C._leaves(C.to_dict(base))
-    return [f"{k}={json.dumps(now.get(k))}" for k in C.diff(base, cfg) if k not in SEED_KEYS and now.get(k) != was.get(k)]
 
 
 def group(runs: Sequence[Run]) -> list[Row]:
@@ -192,11 +192,14 @@ def group(runs: Sequence[Run]) -> list[Row]:
     for run in runs:
         by.setdefault((run.cfg.name, run.method, _signature(run.cfg)), []).append(run)
     rows: list[Row] = []
-    count: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], C.Config] = {}
     for (preset, method, _), members in by.items():
-        n = count[(preset, method)] = count.get((preset, method), 0) + 1
-        rows.append(Row(preset, method, sorted(members, key=lambda r: r.cfg.train.seed),
-                        _overrides(members[0].cfg), f"[v{n}]" if n > 1 else ""))
+        cfg = members[0].cfg
+        variant = ""
+        if (preset, method) in first:   # named by what differs from the first row of its (preset, method)
+            variant = "[" + ", ".join(_changes(cfg, first[(preset, method)])) + "]"
+        first.setdefault((preset, method), cfg)
+        rows.append(Row(preset, method, sorted(members, key=lambda r: r.cfg.train.seed), _overrides(cfg), variant))
     order = {"maml": 0}
     return sorted(rows, key=lambda r: (r.preset, order.get(r.method, 1), r.method.count("+"), r.method, r.variant))
 
@@ -246,7 +249,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
     matched: dict[tuple[str, str, int], tuple[Row, Stat]] = {}
     for row in rows:
         if row.method == "maml":
-            sig = _baseline_signature(row.runs[0].cfg)
+            sig = _signature(row.runs[0].cfg, plugins=False)
             matched.update({(sig, b, k): (row, s) for (b, k), s in row.stats().items()})
             if not row.variant:
                 base.update({(row.preset, b, k): s for (b, k), s in row.stats().items()})
@@ -260,7 +263,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             cross = bench != own
             if steps != k and not cross:
                 continue
-            twin = matched.get((_baseline_signature(row.runs[0].cfg), bench, steps))
+            twin = matched.get((_signature(row.runs[0].cfg, plugins=False), bench, steps))
             ref = twin[1] if twin else base.get((row.preset, bench, steps))
             vs = "(reference)" if row.method == "maml" else compare(s, ref) if ref else "–"
             if twin and twin[0].variant and row.method != "maml":
@@ -356,7 +359,7 @@ RULE = ("Pooled mean over seeds × test tasks ± 95% CI = 1.96·sd/√n, sd over
         "number of distinct test tasks (the seeds share the test tasks). A method is marked ▲/▼ against MAML on "
         "the same benchmark only when the two 95% intervals do not overlap; otherwise n.s. (not significant). "
         "The MAML row is the one with the method's config apart from the plug-ins when there is one (named "
-        "in the column, e.g. vs maml [v2]), else the preset's plain MAML row.")
+        "in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else the preset's plain MAML row.")
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,

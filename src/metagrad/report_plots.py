@@ -126,7 +126,7 @@ def plot_sample_losses(preset: str, rows: Sequence[Row], path: Path) -> Path | N
         k = str(max(int(s) for s in diags[0]["sample_losses"]))
         vals = [x for d in diags for task in d["sample_losses"][k] for x in task]
         data.append(np.log10(np.maximum(np.array(vals), 1e-8)))
-        names.append(f"{row.name}\n({k} steps)")
+        names.append(row.name.replace("+", "+\n").replace(" [", "\n[") + f"\n({k} steps)")  # narrow ticks
     if not data:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained",
