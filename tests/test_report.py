@@ -11,7 +11,7 @@ from PIL import Image
 
 from metagrad import config as C
 from metagrad.cli import main
-from metagrad.report import Stat, compare, pool
+from metagrad.report import Stat, _signature, compare, pool
 from metagrad.study import Study, load_study, method_label, method_plugins, run_study
 
 TINY = ["train.log_every=5", "train.val_every=10", "train.val_tasks=5", "train.checkpoint_every=5",
@@ -105,8 +105,6 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
     cfg = cell_config(study, cells(study, tmp_path, seeds=1)[-1])   # the all-in combination, CxGrad included
     assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
     # The no-norm MAML studies hold the row the report compares CxGrad and the combination with.
-    from metagrad.report import _signature
-
     for main_study, twin_study in [("issue7-omniglot-cpu", "issue7-omniglot-no-norm-cpu"),
                                    ("issue7-omniglot20-cpu", "issue7-omniglot20-no-norm-cpu")]:
         twin = load_study(twin_study)

@@ -249,13 +249,14 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
     matched: dict[tuple[str, str, int], tuple[Row, Stat]] = {}
     for row in rows:
         if row.method == "maml":
-            sig = _signature(row.runs[0].cfg, plugins=False)
-            matched.update({(sig, b, k): (row, s) for (b, k), s in row.stats().items()})
+            sig, stats = _signature(row.runs[0].cfg, plugins=False), row.stats()
+            matched.update({(sig, b, k): (row, s) for (b, k), s in stats.items()})
             if not row.variant:
-                base.update({(row.preset, b, k): s for (b, k), s in row.stats().items()})
+                base.update({(row.preset, b, k): s for (b, k), s in stats.items()})
     for row in rows:
         stats = row.stats()
         k = _main_steps(row)
+        sig = _signature(row.runs[0].cfg, plugins=False)
         walls = [r.wall for r in row.runs if r.wall is not None]
         wall = f"{sum(walls) / len(walls):.0f}" if walls else "–"
         own = row.runs[0].cfg.benchmark.name
@@ -263,7 +264,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             cross = bench != own
             if steps != k and not cross:
                 continue
-            twin = matched.get((_signature(row.runs[0].cfg, plugins=False), bench, steps))
+            twin = matched.get((sig, bench, steps))
             ref = twin[1] if twin else base.get((row.preset, bench, steps))
             vs = "(reference)" if row.method == "maml" else compare(s, ref) if ref else "–"
             if twin and twin[0].variant and row.method != "maml":
