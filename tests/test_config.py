@@ -146,4 +146,7 @@ def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
     cfg = C.resolve("omniglot-5w1s-budget60")
     assert (cfg.benchmark.queries, cfg.eval.queries, cfg.train.time_budget_min) == (2, 15, 55)
     assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.4, 1, 3)
-    assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.width) == (32, 1e-3, 64)
+    assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.width) == (16, 1e-3, 64)
+    # The late drop of the meta step size: 1e-3, then 1e-4 for the last 20% of the 5,200 steps.
+    assert (cfg.train.meta_lr_schedule, cfg.train.meta_lr_min, cfg.train.iterations) == ("step", 1e-4, 5200)
+    assert cfg.train.meta_lr_step_at == 0.8
