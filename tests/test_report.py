@@ -103,7 +103,9 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
             assert cfg.plugins == cell.plugins and cfg.train.seed == 0, (name, cell)
     study = load_study("issue7-omniglot20-cpu")
     cfg = cell_config(study, cells(study, tmp_path, seeds=1)[-1])   # the all-in combination, CxGrad included
-    assert (cfg.benchmark.ways, cfg.maml.inner_steps, cfg.maml.adapt, cfg.eval.queries) == (20, 5, "no_norm", 15)
+    # The CPU budget adapts as the 5-way part does: one step of α 0.4 in training, 3 at test.
+    assert (cfg.benchmark.ways, cfg.maml.adapt, cfg.eval.queries) == (20, "no_norm", 15)
+    assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.4, 1, 3)
     # The no-norm MAML studies hold the row the report compares CxGrad and the combination with.
     for main_study, twin_study in [("issue7-omniglot-cpu", "issue7-omniglot-no-norm-cpu"),
                                    ("issue7-omniglot20-cpu", "issue7-omniglot20-no-norm-cpu")]:
