@@ -67,6 +67,21 @@ def test_eval_appends_records_and_cross_domain(run_dir, tmp_path, capsys):
         [("sinusoid", "val", 15)] * 3 + [("harmonic", "test", 15)] * 3
 
 
+def test_eval_at_chosen_step_counts(run_dir, tmp_path, capsys):
+    run = copy_of(run_dir, tmp_path)
+    assert main(["eval", str(run), "--tasks", "15"]) == 0                  # the run's own counts: 0, 1, 10
+    assert main(["eval", str(run), "--tasks", "15", "--steps", "10", "2"]) == 0
+    records = json.loads((run / "eval.json").read_text())
+    default, chosen = records[-5:-2], records[-2:]
+    assert [r["inner_steps"] for r in default] == [0, 1, 10] and [r["inner_steps"] for r in chosen] == [10, 2]
+    # The same tasks and the same learner: the 10-step score is the default evaluation's, to the bit.
+    assert chosen[0]["mean"] == default[2]["mean"] and chosen[0]["ci95"] == default[2]["ci95"]
+    assert chosen[1]["mean"] not in (default[1]["mean"], default[2]["mean"])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--steps", "-1"]) == 2
+    assert "--steps must be >= 0" in capsys.readouterr().err
+
+
 def test_resume_continues_with_more_iterations(run_dir, tmp_path, capsys):
     run = copy_of(run_dir, tmp_path)
     assert main(["train", "--resume", "--out-dir", str(run), "--set", "train.iterations=25", "--no-progress"]) == 0

@@ -3,7 +3,7 @@
 ::
 
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
-    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--benchmark NAME] [--ways N] [--data-root DIR]
+    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--tasks", type=int, default=None, help="number of tasks (default: the run's eval.tasks, 600)")
+    e.add_argument("--steps", type=int, nargs="+", default=None, metavar="K",
+                   help="inner-step counts to score after (default: the run's, e.g. 3 for Omniglot)")
     e.add_argument("--benchmark", help="evaluate on another benchmark with the same input shape (cross-domain)")
     e.add_argument("--data-root", help="data folder of the evaluated benchmark")
     e.add_argument("--ways", type=int, default=None,
@@ -182,8 +184,10 @@ def _eval(args: argparse.Namespace) -> int:
         return _fail(f"--tasks must be >= 1, got {args.tasks}")
     if args.ways is not None and args.ways < 2:
         return _fail(f"--ways must be >= 2, got {args.ways}")
+    if args.steps is not None and min(args.steps) < 0:
+        return _fail(f"--steps must be >= 0, got {' '.join(map(str, args.steps))}")
     records = evaluate_run(args.run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
-                           data_root=args.data_root, ways=args.ways)
+                           data_root=args.data_root, ways=args.ways, inner_steps=args.steps)
     print(format_table(records))
     return 0
 

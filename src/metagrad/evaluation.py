@@ -193,13 +193,15 @@ def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Pa
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: int | None = None,
                  benchmark: str | None = None, data_root: str | None = None,
-                 ways: int | None = None) -> list[dict[str, Any]]:
+                 ways: int | None = None, inner_steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Evaluate a run's latest checkpoint, optionally on another benchmark with the same input shape.
 
     ``ways``: the evaluated episodes' number of ways when it differs from training's (default: the benchmark's
     own fixed number, e.g. 20 for ``omniglot-lake20``, else training's). A classifier trained with other ways
     gets a head of the new size whose rows all start as the mean of the trained rows (see
-    :func:`transfer_head`). The records are appended to the run's ``eval.json`` and returned.
+    :func:`transfer_head`). ``inner_steps``: the step counts scored after (default: the run's
+    ``eval.inner_steps``, else its evaluation step count). The records are appended to the run's ``eval.json``
+    and returned.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -236,7 +238,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: in
             raise RunError(f"{bench.name} has {limit} tasks, --tasks {tasks} asks for more: use --tasks {limit} "
                            "or leave it out")
         n_tasks = min(n_tasks, limit)
-    records = evaluate(learner, bench, n_tasks, cfg.eval_steps(bench.task_type), device,
+    steps = list(inner_steps) if inner_steps else cfg.eval_steps(bench.task_type)
+    records = evaluate(learner, bench, n_tasks, steps, device,
                        benchmark=bench.name, iteration=int(state["iteration"]))
     records = [{**r, **extra} for r in records]
     append_records(run_dir, records)
