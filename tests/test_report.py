@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -149,3 +150,72 @@ def test_a_method_is_compared_with_the_maml_row_of_its_own_config(tmp_path):
     assert verdict.endswith("(vs maml [maml.inner_lr=0.02])")
     runs_table = (tmp_path / "rep" / "report.md").read_text().split("## Run directories")[1]
     assert any("maml [maml.inner_lr=0.02]" in r and str(tmp_path / "b") in r for r in runs_table.splitlines())
+
+
+def test_a_study_also_scores_the_trained_step_count(tmp_path):
+    # Trained with 1 inner step, tested after 3: the study adds the 1-step score (once), and the report's
+    # step table compares every method with MAML after as many steps.
+    study = Study(name="steps", presets=["sinusoid-5shot"], methods=["maml", "meta_gna"], seeds=1,
+                  set=[*TINY, "train.iterations=10", "maml.eval_inner_steps=3", "eval.inner_steps=[3]"])
+    run_study(study, tmp_path / "s", report=False, progress=False)
+    run = tmp_path / "s" / "sinusoid-5shot" / "meta_gna" / "seed0"
+    from metagrad.evaluation import read_records
+
+    final = [r for r in read_records(run) if r.get("iteration") == 10]
+    assert sorted(r["inner_steps"] for r in final) == [1, 3]
+    run_study(study, tmp_path / "s", report=False, progress=False)  # skipped: nothing scored twice
+    assert len([r for r in read_records(run) if r.get("iteration") == 10]) == 2
+    assert main(["report", str(tmp_path / "s"), "--out", str(tmp_path / "rep"), "--no-compute"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    main_rows = [r for r in text.split("## Test results")[1].split("##")[0].splitlines()
+                 if r.startswith("| sinusoid-5shot |")]
+    assert len(main_rows) == 2 and all("(3 steps)" in r for r in main_rows)
+    steps = {r.split(" | ")[1]: r.split(" | ")[2] for r in text.split("## Test metric after each")[1]
+             .split("##")[0].splitlines() if r.startswith("| sinusoid-5shot |")}
+    assert steps["maml"].startswith("1: ") and "; 3: " in steps["maml"] and "▲" not in steps["maml"]
+    one, three = steps["meta_gna"].rstrip(" |").split("; ")
+    assert one.split()[-1] in ("▲", "▼", "n.s.") and three.split()[-1] in ("▲", "▼", "n.s.")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_killing_a_parallel_study_stops_its_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = tmp_path / "long.toml"
+    spec.write_text('presets = ["sinusoid-5shot"]\nmethods = ["maml", "meta_gna"]\nseeds = 1\n'
+                    'set = ["train.iterations=100000", "train.checkpoint_every=20", "train.threads=1"]\n')
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "metagrad", "study", str(spec), "--out", str(out), "--jobs", "2",
+                             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = [out / "sinusoid-5shot" / m / "seed0" / "checkpoint.pt" for m in ("maml", "meta_gna")]
+        deadline = time.time() + 120
+        while not all(p.is_file() for p in started) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert all(p.is_file() for p in started), "the workers never wrote a checkpoint"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    def alive(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if alive(w)]
+    for w in left:  # do not leave them running when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, "the study's workers outlived it"

@@ -272,16 +272,25 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             label = f"{row.preset} → {bench}" if cross else row.preset
             main.append([label, row.name, f"{s.metric} ({steps} steps)", _fmt(s), vs, _seed_fmt(s), str(s.tasks),
                          str(len(s.seed_means)), str(row.runs[0].iteration), wall])
-        if any(kk != k for _, kk in stats):
-            cells = [f"{steps}: {_fmt(s)}" for (b, steps), s in sorted(stats.items())
-                     if b == row.runs[0].cfg.benchmark.name]
-            steps_rows.append([row.preset, row.name, "; ".join(cells)])
+        for bench in sorted({b for b, _ in stats}, key=lambda b: (b != own, b)):
+            counts = sorted(kk for b, kk in stats if b == bench)
+            if len(counts) < 2:
+                continue
+            cells = []
+            for steps in counts:
+                s = stats[(bench, steps)]
+                twin = matched.get((sig, bench, steps))
+                ref = twin[1] if twin else base.get((row.preset, bench, steps))
+                mark = "" if row.method == "maml" else f" {compare(s, ref).split()[0]}" if ref else " –"
+                cells.append(f"{steps}: {_fmt(s)}{mark}")
+            label = row.preset if bench == own else f"{row.preset} → {bench}"
+            steps_rows.append([label, row.name, "; ".join(cells)])
     for n in na:
         main.append([n.preset, n.method, "–", "N/A (see below)", "–", "–", "–", str(n.seeds), "–", "–"])
     main.sort(key=lambda cells: cells[0].split(" → ")[0])  # stable: N/A rows join their benchmark's rows
     out = [("Test results (final evaluation, pooled over seeds)", head, main)]
     if steps_rows:
-        out.append(("Test metric after each reported number of inner steps",
+        out.append(("Test metric after each reported number of inner steps (▲/▼/n.s.: against MAML after as many)",
                     ["benchmark", "method", "steps: mean ± 95% CI"], steps_rows))
     diag = diagnostic_rows(rows)
     if diag:

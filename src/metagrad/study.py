@@ -33,7 +33,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -197,10 +199,12 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
                     (run_dir / name).unlink(missing_ok=True)
             train(cfg, run_dir, resume=resume, progress=progress)
             record["status"] = "resumed" if resume else "trained"
-        have = {r.get("benchmark") for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations}
+        final = [r for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations]
+        have = {r.get("benchmark") for r in final}
         for name in cross_domain:
             if name not in have:
                 evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
+        _score_trained_steps(cfg, run_dir, cross_domain)
         diag = read_diagnostics(run_dir)
         if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations):
             write_diagnostics(run_dir)
@@ -208,6 +212,24 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
         return {**record, "status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def _score_trained_steps(cfg: C.Config, run_dir: Path, cross_domain: Sequence[str]) -> None:
+    """Also score the step count the cell was trained with when the evaluation uses another one.
+
+    A learner trained with k inner steps and tested after more (e.g. 1 and 3) can overshoot what it learned
+    (Meta-GNA's normalised steps do); the report shows both counts side by side so no method is judged only
+    at a step count it never trained for.
+    """
+    from .evaluation import evaluate_run, read_records
+
+    k = cfg.maml.inner_steps
+    final = [r for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations]
+    for name in (cfg.benchmark.name, *cross_domain):
+        done = {int(r["inner_steps"]) for r in final if r.get("benchmark", cfg.benchmark.name) == name}
+        if done and k not in done:
+            evaluate_run(run_dir, split=cfg.eval.split, benchmark=None if name == cfg.benchmark.name else name,
+                         inner_steps=[k])
 
 
 def _run_cell_job(args: tuple[Cell, C.Config, list[str]]) -> dict[str, Any]:
@@ -254,17 +276,39 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
         for i, a in enumerate(jobs_args):
             note(i, run_cell(*a))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            pending = {pool.submit(_run_cell_job, a): i for i, a in enumerate(jobs_args)}
-            for f in futures.as_completed(pending):
-                note(pending[f], f.result())
+        _run_pool(jobs_args, jobs, note)
     result = StudyResult(out, manifest["cells"])
     if report:
         from .report import write_report
 
         result.report = write_report([out], out / "report", command=manifest["command"])
     return result
+
+
+def _run_pool(jobs_args: list[tuple[Cell, C.Config, list[str]]], jobs: int, note: Any) -> None:
+    """Cells over ``jobs`` worker processes. Stopping the study (Ctrl-C, or ``kill`` of this process alone)
+    stops the workers too: each cell keeps its last checkpoint and the same command resumes it."""
+    ctx = multiprocessing.get_context("spawn")
+    pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
+    try:
+        pending = {pool.submit(_run_cell_job, a): i for i, a in enumerate(jobs_args)}
+        for f in futures.as_completed(pending):
+            note(pending[f], f.result())
+    except BaseException:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    pool.shutdown()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _write_json(path: Path, obj: Any) -> None:
