@@ -262,7 +262,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
         own = row.runs[0].cfg.benchmark.name
         for (bench, steps), s in sorted(stats.items(), key=lambda kv: (kv[0][0] != own, kv[0])):
             cross = bench != own
-            if steps != k and not cross:
+            if steps != k and (bench, k) in stats:   # the other step counts: the step table below
                 continue
             twin = matched.get((sig, bench, steps))
             ref = twin[1] if twin else base.get((row.preset, bench, steps))
@@ -270,7 +270,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             if twin and twin[0].variant and row.method != "maml":
                 vs += f" (vs {twin[0].name})"
             label = f"{row.preset} → {bench}" if cross else row.preset
-            main.append([label, row.name, f"{s.metric} ({steps} steps)", _fmt(s), vs, _seed_fmt(s), str(s.tasks),
+            main.append([label, row.name, f"{s.metric} ({steps} step{'' if steps == 1 else 's'})", _fmt(s), vs, _seed_fmt(s), str(s.tasks),
                          str(len(s.seed_means)), str(row.runs[0].iteration), wall])
         for bench in sorted({b for b, _ in stats}, key=lambda b: (b != own, b)):
             counts = sorted(kk for b, kk in stats if b == bench)
