@@ -3,7 +3,7 @@ one inner step): metagrad (lean and graph memory modes) against the plain loop o
 reference Conv4, in one process, interleaved rounds, median seconds per step. Random images.
 
 Usage:
-    .venv/bin/python benchmarks/large_images.py [--tasks 8] [--rounds 3]
+    .venv/bin/python benchmarks/large_images.py [--tasks 8] [--rounds 3] [--impls metagrad loop]
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=84)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     batch = random_batch(args.tasks, 5, args.size)
     model = Conv4(3, 5, 64, image_size=args.size)
     setup = peers.Setup(0.4, 1, False, "cross_entropy")
-    impls = [peers.build(n, model, setup) for n in IMPLS]
+    impls = [peers.build(n, model, setup) for n in dict.fromkeys([*args.impls, "loop"])]
     times: dict[str, list[float]] = {i.name: [] for i in impls}
     for r in range(args.rounds):
         for impl in impls if r % 2 == 0 else impls[::-1]:

@@ -7,6 +7,7 @@ is the part no reorganisation of the loop can remove.
 
 Usage:
     .venv/bin/python benchmarks/profile_step.py [--meta-batch 32] [--steps 2] [--top 12]
+    .venv/bin/python benchmarks/profile_step.py --size 84 --meta-batch 4   # mini-ImageNet shapes (3 channels)
 """
 
 from __future__ import annotations
@@ -38,15 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="profiled meta-steps (after one warm-up step)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--impls", nargs="+", default=["metagrad", "loop"])
+    ap.add_argument("--size", type=int, default=28, help="image height = width (3 channels above 28)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch = random_batch(args.meta_batch, 5, 28)
+    batch = random_batch(args.meta_batch, 5, args.size)
+    channels = batch.support_x.shape[2]
     setup = peers.Setup(inner_lr=0.4, inner_steps=1, first_order=False, loss="cross_entropy")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; meta-batch {args.meta_batch}, "
-          f"{args.steps} profiled steps\n")
+          f"{args.steps} profiled steps, {channels}×{args.size}×{args.size} images\n")
     for name in args.impls:
-        impl = peers.build(name, Conv4(1, 5, 64, image_size=28), setup)
+        impl = peers.build(name, Conv4(channels, 5, 64, image_size=args.size), setup)
         impl.step(batch)                                            # warm-up, not profiled
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
