@@ -18,7 +18,10 @@ A method is ``maml`` (no plug-in) or plug-in keys joined by ``+`` (applied in th
 preset with ``plugins=...`` and ``train.seed=k`` set, so no preset file per method is needed. Cell ``(preset,
 method, k)`` runs into ``<out>/<preset>/<method label>/seed<k>`` (label: the sorted keys joined by ``+``).
 
-Resuming: a cell whose ``eval.json`` holds its final evaluation is skipped; a cell with a checkpoint continues
+After training, each cell is scored after its test step count and, when training used another one (e.g. 1 step
+in training, 3 at test), after that one too, on its own benchmark and every cross-domain one.
+
+Resuming: a cell whose ``eval.json`` holds its final evaluation is skipped (scores it lacks are added); a cell with a checkpoint continues
 from it; a cell killed before its first checkpoint starts again. A combination the model cannot take (CxGrad
 on an MLP) is recorded as N/A with the reason and skipped. ``<out>/study.json`` keeps the status of every
 cell; the report reads it to show the N/A rows.
