@@ -11,6 +11,7 @@ rounds in one process on the same tasks and weights; the median of each is repor
 Usage:
     .venv/bin/python benchmarks/grouped_forward.py [--queries 1 2 5 15] [--meta-batch 32] [--rounds 3]
     .venv/bin/python benchmarks/grouped_forward.py --queries 1 5 15 --group-images 32 64 128 100000
+    python3 benchmarks/grouped_forward.py --device cuda --group-images 256 1024 100000   # on a GPU
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ from metagrad.models import conv4 as conv4_module
 
 
 def step_seconds(learner: MAML, batch, steps: int = 2) -> float:
+    cuda = batch.support_x.is_cuda
     learner.zero_grad()
     learner.meta_loss(batch).loss.backward()          # warm-up of this round, not timed
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         learner.zero_grad()
         learner.meta_loss(batch).loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps
 
 
@@ -52,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time these values of conv4.GROUP_IMAGES (default: only the shipped one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shipped = conv4_module.GROUP_IMAGES
     settings = ["per-task", shipped] + [g for g in args.group_images if g != shipped]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; meta-batch {args.meta_batch}, "
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; meta-batch {args.meta_batch}, "
           f"second order, 1 inner step; GROUP_IMAGES = {shipped}\n")
     print("| memory | queries / class | metagrad[per-task] s | " + " | ".join(
         f"GROUP_IMAGES={g} s (×)" for g in settings[1:]) + " |")
@@ -64,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     for memory in args.memory:
         for q in args.queries:
             torch.manual_seed(0)
-            grouped = Conv4(1, 5, 64, image_size=28)
-            plain = peers.per_task(Conv4(1, 5, 64, image_size=28))
+            grouped = Conv4(1, 5, 64, image_size=28).to(device)
+            plain = peers.per_task(Conv4(1, 5, 64, image_size=28)).to(device)
             plain.load_state_dict(grouped.state_dict())
-            batch = random_batch(args.meta_batch, 5, 28, queries=q)
+            batch = random_batch(args.meta_batch, 5, 28, queries=q).to(device)
             times: dict = {s: [] for s in settings}
             for _ in range(args.rounds):
                 for s in settings:

@@ -13,8 +13,11 @@ Usage:
     .venv/bin/python benchmarks/speed.py --install-peers        # once: benchmarks/.peers-venv with the peers
     .venv/bin/python benchmarks/speed.py                        # re-runs itself in benchmarks/.peers-venv
     .venv/bin/python benchmarks/speed.py --cases omniglot5 --orders second --steps 1 --rounds 5
+    python3 benchmarks/speed.py --device cuda --random-images --no-reexec   # a GPU machine without the data
 
-Without the peers' environment only metagrad and the plain loop run.
+Without the peers' environment only metagrad and the plain loop run. On CUDA, every timed step ends with a
+synchronisation and the memory columns are the CUDA allocator's peak above its level before the step (live
+tensors) and its peak reserved memory (with the caching); the CPU-seconds column is then host time only.
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ class Case:
             return MLP(1, (40, 40), 1)
         return Conv4(1, self.ways, 64, image_size=28)
 
-    def batch(self, root: str | None, index: int = 0) -> metagrad.TaskBatch:
+    def batch(self, root: str | None, index: int = 0, random_images: bool = False) -> metagrad.TaskBatch:
+        if random_images and self.bench != "sinusoid":   # same shapes and labels, uniform noise as images
+            from scaling import random_batch
+
+            return random_batch(self.meta_batch, self.ways, 28, queries=self.queries)
         bench = metagrad.data.create(self.bench, "train", ways=self.ways, shots=self.shots, queries=self.queries,
                                      meta_batch_size=self.meta_batch, seed=0,
                                      root=None if self.bench == "sinusoid" else root)
@@ -119,6 +126,21 @@ def peak_tensor_memory(fn) -> int:
     return peak
 
 
+def peak_cuda_memory(fn) -> tuple[int, int]:
+    """(peak allocated bytes above those allocated before ``fn()``, peak reserved bytes above the reserve before)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    alloc, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - alloc, torch.cuda.max_memory_reserved() - reserved
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # -- the measurement -----------------------------------------------------------------------------------------------
 def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """max over tensors of max|a − b| / max|b| (the project's test metric)."""
@@ -146,10 +168,13 @@ def run_case(key: str, order: str, steps: int, names: list[str], args) -> dict:
 
     case = CASES[key]
     setup = peers.Setup(case.inner_lr, steps, order == "first", case.loss)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = case.model()
-    batch = case.batch(args.data_root)
+    model = case.model().to(device)
+    batch = case.batch(args.data_root, random_images=args.random_images).to(device)
     label = f"{case.name}, {order} order, {steps} step{'s' if steps > 1 else ''}, meta-batch {case.meta_batch}"
+    if device.type != "cpu":
+        label += f", {device.type}"
     print(f"\n### {label}", flush=True)
     errors = check_gradients(names, case, setup, model, batch, args.check_tasks)
     bad = {n: e for n, e in errors.items() if not e <= 1e-5}
@@ -171,13 +196,20 @@ def run_case(key: str, order: str, steps: int, names: list[str], args) -> dict:
             # A block of consecutive steps, the first untimed: after another library ran, the allocator's state
             # (glibc's mmap threshold, the free heap) is that library's; a training run repeats one library.
             for j in range(args.block):
+                synchronize(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 impl.step(batch)
+                synchronize(device)
                 if j > 0 or args.block == 1:
                     wall[impl.name].append(time.perf_counter() - t0)
                     cpu[impl.name].append(time.process_time() - c0)
     for _ in range(args.memory_rounds):
         for impl in impls:
+            if device.type == "cuda":
+                allocated, reserved = peak_cuda_memory(lambda impl=impl: impl.step(batch))
+                live[impl.name].append(allocated)
+                mem[impl.name].append(reserved)
+                continue
             m = peak_step_memory(lambda impl=impl: impl.step(batch))
             if m is not None:
                 mem[impl.name].append(m)
@@ -192,6 +224,8 @@ def run_case(key: str, order: str, steps: int, names: list[str], args) -> dict:
     fastest = min(peer_rows, key=lambda r: r["wall_s"])
     result = {"case": key, "label": label, "order": order, "steps": steps, "meta_batch": case.meta_batch,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "fastest_peer": fastest["impl"],
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "random_images": bool(args.random_images),
               "rows": rows}
     print(table(result), flush=True)
     return result
@@ -205,8 +239,10 @@ def table(result: dict) -> str:
     rows, T = result["rows"], result["meta_batch"]
     fastest = next(r for r in rows if r["impl"] == result["fastest_peer"])
     loop = next(r for r in rows if r["impl"] == "loop")
-    out = [("| implementation | s / meta-step | tasks/s | × vs fastest peer | CPU s / step | peak tensor MiB "
-            "| memory vs loop | peak RSS MiB | grad rel. err (f64 / f32) |"), "|---|---|---|---|---|---|---|---|---|"]
+    gpu = result.get("device", "cpu") != "cpu"
+    out = [(f"| implementation | s / meta-step | tasks/s | × vs fastest peer | {'host' if gpu else 'CPU'} s / step "
+            f"| peak tensor MiB | memory vs loop | {'peak reserved' if gpu else 'peak RSS'} MiB "
+            "| grad rel. err (f64 / f32) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = fastest["wall_s"] / r["wall_s"]
         memr = (f"{r['peak_bytes'] / loop['peak_bytes']:.2f}" if r["peak_bytes"] and loop["peak_bytes"] else "n/a")
@@ -231,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-rounds", type=int, default=1)
     ap.add_argument("--check-tasks", type=int, default=4, help="tasks in the float64 gradient check")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where models, tasks and steps run")
+    ap.add_argument("--random-images", action="store_true",
+                    help="Omniglot-shaped tasks of random images (a machine without ../shared/data)")
     ap.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "omniglot"))
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per case here")
     ap.add_argument("--no-reexec", action="store_true", help="stay in this interpreter")
