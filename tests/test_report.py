@@ -175,6 +175,12 @@ def test_a_study_also_scores_the_trained_step_count(tmp_path):
     assert steps["maml"].startswith("1: ") and "; 3: " in steps["maml"] and "▲" not in steps["maml"]
     one, three = steps["meta_gna"].rstrip(" |").split("; ")
     assert one.split()[-1] in ("▲", "▼", "n.s.") and three.split()[-1] in ("▲", "▼", "n.s.")
+    # The per-sample loss diagnostics are taken after both step counts too, and the report shows both.
+    diag = json.loads((run / "diagnostics.json").read_text())
+    assert set(diag["sample_losses"]) == {"1", "3"} and len(diag["sample_losses"]["1"]) == 10
+    diag_rows = [r.split(" | ")[1:3] for r in text.split("## Per-sample query losses")[1].split("##")[0].splitlines()
+                 if r.startswith("| sinusoid-5shot |")]
+    assert diag_rows == [["maml", "3"], ["maml", "1"], ["meta_gna", "3"], ["meta_gna", "1"]]
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")

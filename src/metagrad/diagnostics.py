@@ -2,8 +2,8 @@
 
 What the papers argue with, measured on the first ``tasks`` test tasks of the run's own evaluation stream:
 
-- per-sample query losses after each reported inner-step count (Meta-GNA: a broad per-sample loss distribution
-  is what the Arbiter narrows),
+- per-sample query losses after each reported inner-step count and after the training step count (Meta-GNA: a
+  broad per-sample loss distribution is what the Arbiter narrows),
 - per-layer inner-gradient norms at the first inner step of evaluation (CxGrad: the head's gradient dwarfs the
   backbone's),
 - for regression benchmarks with a known function, the fitted curves of the first four test tasks.
@@ -61,7 +61,7 @@ def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
         learner = make_learner(cfg, bench).to(device)
         learner.load_state_dict(state["learner"])
         learner.eval()
-        steps = cfg.eval_steps(bench.task_type)
+        steps = diagnostic_steps(cfg, bench.task_type)
         samples: dict[str, list[list[float]]] = {str(k): [] for k in steps}
         metric: dict[str, list[float]] = {str(k): [] for k in steps}
         grad_norms: dict[str, list[float]] = {}
@@ -93,6 +93,11 @@ def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
     return diag
 
 
+def diagnostic_steps(cfg: C.Config, task_type: str) -> list[int]:
+    """The inner-step counts the diagnostics are taken after: the evaluation's and the training's."""
+    return sorted(set(cfg.eval_steps(task_type)) | {cfg.maml.inner_steps})
+
+
 def _fits(learner: Any, bench: Any, steps: list[int], device: torch.device) -> list[dict[str, Any]]:
     """True function, support points and predictions after each step count for the first test tasks."""
     batch = bench.batch(0)
@@ -112,4 +117,4 @@ def _fits(learner: Any, bench: Any, steps: list[int], device: torch.device) -> l
     return fits
 
 
-__all__ = ["DIAG_FILE", "read_diagnostics", "write_diagnostics"]
+__all__ = ["DIAG_FILE", "diagnostic_steps", "read_diagnostics", "write_diagnostics"]

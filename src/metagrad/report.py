@@ -321,12 +321,6 @@ def diagnostic_rows(rows: Sequence[Row]) -> list[list[str]]:
         diags = [r.diagnostics for r in row.runs if r.diagnostics]
         if not diags:
             continue
-        k = str(_main_steps(row))
-        samples = [x for d in diags for task in d["sample_losses"].get(k, []) for x in task]
-        sds = [_sd(task) for d in diags for task in d["sample_losses"].get(k, [])]
-        if not samples:
-            continue
-        med, q90 = _quantile(samples, 0.5), _quantile(samples, 0.9)
         norms = [d.get("inner_grad_norm", {}) for d in diags]
         weights = [n for n in norms[0] if n.endswith("weight")]
         gn = "–"
@@ -334,11 +328,19 @@ def diagnostic_rows(rows: Sequence[Row]) -> list[list[str]]:
             first = sum(n[weights[0]] for n in norms) / len(norms)
             last = sum(n[weights[-1]] for n in norms) / len(norms)
             gn = f"{first:.3g} / {last:.3g}"
-        n_tasks = max(len(d["sample_losses"].get(k, [])) for d in diags)  # distinct tasks (shared by seeds)
-        sd_mean = sum(sds) / len(sds)
-        sd_ci = 1.96 * _sd(sds) / math.sqrt(n_tasks)
-        out.append([row.preset, row.name, k, f"{med:.4g}", f"{q90:.4g}", f"{q90 / max(med, 1e-12):.3g}",
-                    f"{sd_mean:.4g} ± {sd_ci:.2g}", str(n_tasks), gn])
+        # The main (test) step count, then the training one when the diagnostics hold it (older files may not).
+        main, trained = _main_steps(row), row.runs[0].cfg.maml.inner_steps
+        for k in map(str, dict.fromkeys([main, trained])):
+            samples = [x for d in diags for task in d["sample_losses"].get(k, []) for x in task]
+            sds = [_sd(task) for d in diags for task in d["sample_losses"].get(k, [])]
+            if not samples:
+                continue
+            med, q90 = _quantile(samples, 0.5), _quantile(samples, 0.9)
+            n_tasks = max(len(d["sample_losses"].get(k, [])) for d in diags)  # distinct tasks (shared by seeds)
+            sd_mean = sum(sds) / len(sds)
+            sd_ci = 1.96 * _sd(sds) / math.sqrt(n_tasks)
+            out.append([row.preset, row.name, k, f"{med:.4g}", f"{q90:.4g}", f"{q90 / max(med, 1e-12):.3g}",
+                        f"{sd_mean:.4g} ± {sd_ci:.2g}", str(n_tasks), gn])
     return out
 
 

@@ -209,7 +209,8 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
                 evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
         _score_trained_steps(cfg, run_dir, cross_domain)
         diag = read_diagnostics(run_dir)
-        if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations):
+        if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations
+                            or str(cfg.maml.inner_steps) not in diag.get("sample_losses", {})):
             write_diagnostics(run_dir)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid; recorded in study.json
         return {**record, "status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())}"}
