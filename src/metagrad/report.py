@@ -253,6 +253,12 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             matched.update({(sig, b, k): (row, s) for (b, k), s in stats.items()})
             if not row.variant:
                 base.update({(row.preset, b, k): s for (b, k), s in stats.items()})
+
+    def reference(row: Row, sig: Any, bench: str, steps: int) -> tuple[Stat | None, Row | None]:
+        """The MAML statistics a row is compared with on (bench, steps), and the matched MAML row if any."""
+        twin = matched.get((sig, bench, steps))
+        return (twin[1], twin[0]) if twin else (base.get((row.preset, bench, steps)), None)
+
     for row in rows:
         stats = row.stats()
         k = _main_steps(row)
@@ -264,13 +270,13 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             cross = bench != own
             if steps != k and (bench, k) in stats:   # the other step counts: the step table below
                 continue
-            twin = matched.get((sig, bench, steps))
-            ref = twin[1] if twin else base.get((row.preset, bench, steps))
+            ref, twin = reference(row, sig, bench, steps)
             vs = "(reference)" if row.method == "maml" else compare(s, ref) if ref else "–"
-            if twin and twin[0].variant and row.method != "maml":
-                vs += f" (vs {twin[0].name})"
+            if twin and twin.variant and row.method != "maml":
+                vs += f" (vs {twin.name})"
             label = f"{row.preset} → {bench}" if cross else row.preset
-            main.append([label, row.name, f"{s.metric} ({steps} step{'' if steps == 1 else 's'})", _fmt(s), vs, _seed_fmt(s), str(s.tasks),
+            metric = f"{s.metric} ({steps} step{'' if steps == 1 else 's'})"
+            main.append([label, row.name, metric, _fmt(s), vs, _seed_fmt(s), str(s.tasks),
                          str(len(s.seed_means)), str(row.runs[0].iteration), wall])
         for bench in sorted({b for b, _ in stats}, key=lambda b: (b != own, b)):
             counts = sorted(kk for b, kk in stats if b == bench)
@@ -279,8 +285,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
             cells = []
             for steps in counts:
                 s = stats[(bench, steps)]
-                twin = matched.get((sig, bench, steps))
-                ref = twin[1] if twin else base.get((row.preset, bench, steps))
+                ref, _ = reference(row, sig, bench, steps)
                 mark = "" if row.method == "maml" else f" {compare(s, ref).split()[0]}" if ref else " –"
                 cells.append(f"{steps}: {_fmt(s)}{mark}")
             label = row.preset if bench == own else f"{row.preset} → {bench}"

@@ -21,10 +21,10 @@ method, k)`` runs into ``<out>/<preset>/<method label>/seed<k>`` (label: the sor
 After training, each cell is scored after its test step count and, when training used another one (e.g. 1 step
 in training, 3 at test), after that one too, on its own benchmark and every cross-domain one.
 
-Resuming: a cell whose ``eval.json`` holds its final evaluation is skipped (scores it lacks are added); a cell with a checkpoint continues
-from it; a cell killed before its first checkpoint starts again. A combination the model cannot take (CxGrad
-on an MLP) is recorded as N/A with the reason and skipped. ``<out>/study.json`` keeps the status of every
-cell; the report reads it to show the N/A rows.
+Resuming: a cell whose ``eval.json`` holds its final evaluation is skipped (scores it lacks are added); a cell
+with a checkpoint continues from it; a cell killed before its first checkpoint starts again. A combination the
+model cannot take (CxGrad on an MLP) is recorded as N/A with the reason and skipped. ``<out>/study.json`` keeps
+the status of every cell; the report reads it to show the N/A rows.
 
 Example:
     >>> result = run_study("issue7-cpu", "runs/study-issue7-cpu", seeds=3, jobs=2)
@@ -182,7 +182,7 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
              progress: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip) one cell; returns its status record. Never raises for a failing run."""
     from . import checkpoint as ckpt
-    from .diagnostics import read_diagnostics, write_diagnostics
+    from .diagnostics import diagnostic_steps, read_diagnostics, write_diagnostics
     from .evaluation import evaluate_run, read_records
     from .train import RUN_FILES, train
 
@@ -202,15 +202,15 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
                     (run_dir / name).unlink(missing_ok=True)
             train(cfg, run_dir, resume=resume, progress=progress)
             record["status"] = "resumed" if resume else "trained"
-        final = [r for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations]
-        have = {r.get("benchmark") for r in final}
+        have = {r.get("benchmark") for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations}
         for name in cross_domain:
             if name not in have:
                 evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
         _score_trained_steps(cfg, run_dir, cross_domain)
         diag = read_diagnostics(run_dir)
         if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations
-                            or str(cfg.maml.inner_steps) not in diag.get("sample_losses", {})):
+                            or not {str(k) for k in diagnostic_steps(cfg, diag.get("task_type", ""))}
+                            <= set(diag.get("sample_losses", {}))):
             write_diagnostics(run_dir)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid; recorded in study.json
         return {**record, "status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())}"}
