@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats as sps
 
 from metagrad import config as C
 from metagrad.cli import main
-from metagrad.report import Stat, _signature, compare, pool
+from metagrad.report import Row, Run, _signature, comparisons, markdown_table, tables, verdict
 from metagrad.study import Study, load_study, method_label, method_plugins, run_study
 
 TINY = ["train.log_every=5", "train.val_every=10", "train.val_tasks=5", "train.checkpoint_every=5",
@@ -43,6 +46,16 @@ def test_study_runs_resumes_skips_and_reports(tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [5, 10, 15, 20]
     assert {"query_loss_q10", "query_loss_q90", "meta_gna.factor.step0/layers.0.weight"} <= metrics[-1].keys()
+    # Every record keeps its per-task scores, and every method and seed is scored on the same test tasks.
+    from metagrad.evaluation import read_records, record_scores
+
+    finals = {}
+    for cell in sorted((out / "sinusoid-5shot").glob("*/seed*")):
+        for r in read_records(cell):
+            values = record_scores(cell, r)
+            assert len(values) == r["tasks"] == 10 and np.mean(values) == pytest.approx(r["mean"], rel=1e-6)
+            finals.setdefault(r["inner_steps"], set()).add(r["task_set"])
+    assert len(finals) == 3 and all(len(sets) == 1 for sets in finals.values())   # steps 0, 1, 5; one task set
 
     report = second.report
     assert report is not None and report == out / "report" / "report.md"
@@ -68,28 +81,66 @@ def test_study_runs_resumes_skips_and_reports(tmp_path):
     assert (tmp_path / "rep" / "report.md").read_text().count("| sinusoid-5shot |") >= 3
 
 
-def test_pool_matches_the_direct_computation():
-    import torch
-
-    from metagrad.evaluation import mean_ci95
-
-    torch.manual_seed(0)
-    seeds = [torch.randn(50) + i for i in range(3)]
-    records = [{"metric": "mse", "tasks": 50, "mean": m, "ci95": c} for m, c in map(mean_ci95, seeds)]
-    s = pool(records)
-    allv = torch.cat(seeds).double()
-    assert s.mean == pytest.approx(allv.mean().item())
-    assert s.ci95 == pytest.approx(1.96 * allv.std(unbiased=False).item() / math.sqrt(50))
-    assert s.tasks == 50 and len(s.seed_means) == 3
+def fake_row(method, per_seed_scores, metric="accuracy", task_set="abc", seeds=None, preset="p"):
+    """A report row of finished runs whose final records hold the given per-task scores ``[seeds][tasks]``."""
+    runs = []
+    for k, values in zip(seeds or range(len(per_seed_scores)), per_seed_scores):
+        cfg = C.Config(name=preset, plugins=method_plugins(method))
+        cfg.train.seed = k
+        key = f"b/test/steps1/seed{k}"
+        rec = {"benchmark": "b", "split": "test", "metric": metric, "inner_steps": 1, "tasks": len(values),
+               "mean": float(np.mean(values)), "ci95": 0.0, "task_set": task_set, "scores_key": key}
+        runs.append(Run(Path(f"/runs/{method}/seed{k}"), cfg, [rec], [], None, 10, {key: list(map(float, values))}))
+    return Row(preset, method, runs)
 
 
-def test_significance_only_without_overlap():
-    base = Stat("mse", 1.0, 0.1, 600, [1.0])
-    assert compare(Stat("mse", 0.85, 0.04, 600, [0.85]), base) == "▲ better"
-    assert compare(Stat("mse", 0.95, 0.1, 600, [0.95]), base) == "n.s."
-    assert compare(Stat("mse", 1.2, 0.05, 600, [1.2]), base) == "▼ worse"
-    acc = Stat("accuracy", 0.9, 0.01, 600, [0.9])
-    assert compare(Stat("accuracy", 0.95, 0.01, 600, [0.95]), acc) == "▲ better"
+def test_row_statistics_take_the_seed_as_the_unit():
+    rng = np.random.default_rng(0)
+    scores = 0.9 + 0.05 * rng.standard_normal((3, 50))
+    s = fake_row("maml", scores).stats()[("b", 1)]
+    means = scores.mean(axis=1)
+    half = sps.t.ppf(0.975, 2) * means.std(ddof=1) / math.sqrt(3)
+    assert s.mean == pytest.approx(means.mean()) and s.ci95 == pytest.approx(half)
+    assert s.values.shape == (3, 50) and s.seeds == [0, 1, 2] and s.task_set == "abc"
+
+
+def test_verdicts_need_the_holm_adjusted_p():
+    rng = np.random.default_rng(1)
+    task = 0.8 + 0.1 * rng.standard_normal(100)
+    seed_offsets = np.array([[0.0], [0.004], [-0.004]])
+    maml = task + seed_offsets + 0.02 * rng.standard_normal((3, 100))
+    big = maml + 0.05 + 0.002 * rng.standard_normal((3, 1))        # +5 points on every seed
+    small = maml + np.array([[0.01], [-0.004], [0.006]])            # inconsistent across seeds
+    worse = maml - 0.05 + 0.002 * rng.standard_normal((3, 1))
+    rows = [fake_row("maml", maml), fake_row("cml", big), fake_row("meta_gna", small), fake_row("trlearner", worse),
+            fake_row("cxgrad", big, task_set="other")]
+    comps = comparisons(rows)
+    assert set(comps) == {(1, "b", 1), (2, "b", 1), (3, "b", 1), (4, "b", 1)}
+    big_c, big_adj, _ = comps[(1, "b", 1)]
+    assert big_c.diff == pytest.approx(big.mean() - maml.mean()) and big_c.low < big_c.diff < big_c.high
+    assert verdict(big_c, big_adj, "accuracy") == "▲ better"
+    assert verdict(*comps[(3, "b", 1)][:2], "accuracy") == "▼ worse"
+    assert verdict(*comps[(3, "b", 1)][:2], "mse") == "▲ better"      # lower is better for an error
+    small_c, small_adj, _ = comps[(2, "b", 1)]
+    assert small_adj >= small_c.p and verdict(small_c, small_adj, "accuracy") == "n.s."
+    # Holm over the family of three testable comparisons: the smallest p is multiplied by 3.
+    ps = sorted(comps[k][0].p for k in [(1, "b", 1), (2, "b", 1), (3, "b", 1)])
+    assert min(comps[k][1] for k in [(1, "b", 1), (2, "b", 1), (3, "b", 1)]) == pytest.approx(min(1, 3 * ps[0]))
+    # Scores of other test tasks are never paired.
+    assert comps[(4, "b", 1)][0] == "different test tasks" and verdict(*comps[(4, "b", 1)][:2], "accuracy") == "–"
+    md = "\n".join(markdown_table(h, c) for _, h, c in tables(rows, []))
+    assert "▲ better" in md and "▼ worse" in md and "– (different test tasks)" in md
+
+
+def test_a_significant_difference_at_the_raw_p_can_vanish_after_holm():
+    rng = np.random.default_rng(2)
+    maml = 0.8 + 0.02 * rng.standard_normal((3, 60))
+    near = maml + np.array([[0.012], [0.009], [0.015]])              # raw p ≈ 0.02
+    rows = [fake_row("maml", maml), fake_row("cml", near)] + [
+        fake_row(m, maml + 0.001 * rng.standard_normal((3, 1))) for m in ("meta_gna", "cxgrad", "trlearner")]
+    comps = comparisons(rows)
+    c, adj, _ = comps[(1, "b", 1)]
+    assert c.p < 0.05 <= adj and verdict(c, adj, "accuracy") == "n.s."
 
 
 def test_every_shipped_study_resolves_every_cell(tmp_path):
@@ -145,9 +196,9 @@ def test_a_method_is_compared_with_the_maml_row_of_its_own_config(tmp_path):
     rows = {r.split(" | ")[1]: r for r in table.splitlines() if r.startswith("| sinusoid-5shot |")}
     # B's MAML row is named by what differs from A's; the run-directory table lists it with its override.
     assert set(rows) >= {"maml", "maml [maml.inner_lr=0.02]", "meta_gna"}
-    verdict = rows["meta_gna"].split(" | ")[4]
-    assert verdict.split(" (vs ")[0] in ("n.s.", "▲ better", "▼ worse")
-    assert verdict.endswith("(vs maml [maml.inner_lr=0.02])")
+    mark = rows["meta_gna"].split(" | ")[6]
+    assert mark.split(" (vs ")[0] in ("–", "n.s.", "▲ better", "▼ worse")    # one seed: no test ("–")
+    assert mark.endswith("(vs maml [maml.inner_lr=0.02])")
     runs_table = (tmp_path / "rep" / "report.md").read_text().split("## Run directories")[1]
     assert any("maml [maml.inner_lr=0.02]" in r and str(tmp_path / "b") in r for r in runs_table.splitlines())
 
@@ -174,7 +225,9 @@ def test_a_study_also_scores_the_trained_step_count(tmp_path):
              .split("##")[0].splitlines() if r.startswith("| sinusoid-5shot |")}
     assert steps["maml"].startswith("1: ") and "; 3: " in steps["maml"] and "▲" not in steps["maml"]
     one, three = steps["meta_gna"].rstrip(" |").split("; ")
-    assert one.split()[-1] in ("▲", "▼", "n.s.") and three.split()[-1] in ("▲", "▼", "n.s.")
+    # One seed: no seed spread, so no test ("–"), but the difference to MAML after as many steps is shown.
+    assert re.fullmatch(r"1: \S+ – [+-]\S+ \(one seed: no interval\), p –", one), one
+    assert re.fullmatch(r"3: \S+ – [+-]\S+ \(one seed: no interval\), p –", three), three
     # The per-sample loss diagnostics are taken after both step counts too, and the report shows both.
     diag = json.loads((run / "diagnostics.json").read_text())
     assert set(diag["sample_losses"]) == {"1", "3"} and len(diag["sample_losses"]["1"]) == 10

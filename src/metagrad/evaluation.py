@@ -5,7 +5,11 @@ training and for re-evaluating a saved run alike.
 
 Per task the metric is the query accuracy (classification) or the query MSE (regression); a record reports
 the mean over ``n`` tasks and the 95% confidence interval ``1.96 · std / √n`` (std over tasks, as numpy's
-default ``ddof=0``, the convention of the MAML reference code).
+default ``ddof=0``, the convention of the MAML reference code). That interval describes one trained model; a
+comparison of methods takes the seed as its unit (:mod:`metagrad.stats`) and needs the per-task scores, which
+every record keeps in the run's ``scores.json`` (key ``scores_key``), with ``task_set``: a digest of the
+evaluated tasks' tensors. Every run of a benchmark with the same ``eval`` settings scores the same tasks (the
+streams are seeded by ``eval.seed``), and equal digests prove it, so a report can pair them.
 
 Example:
     >>> records = evaluate(learner, test_bench, tasks=600, inner_steps=[0, 1, 10])
@@ -14,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +36,7 @@ from .maml import MAML
 from .models import MLP, Conv4
 
 EVAL_FILE = "eval.json"
+SCORES_FILE = "scores.json"
 
 
 class RunError(ValueError):
@@ -122,16 +128,19 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 
 def per_task_metric(learner: MAML, bench: Benchmark, tasks: int, inner_steps: Sequence[int],
-                    device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+                    device: torch.device | str = "cpu", digest: Any = None) -> dict[int, torch.Tensor]:
     """Per-task accuracy or MSE ``[tasks]`` for each inner-step count, on the first ``tasks`` tasks of ``bench``.
 
-    The learner is put in eval mode (dropout off) for the duration and restored afterwards.
+    The learner is put in eval mode (dropout off) for the duration and restored afterwards. ``digest``: a
+    ``hashlib`` object fed with every evaluated task's tensors (see :func:`task_digest`).
     """
     was_training = learner.training
     learner.eval()
     found: dict[int, list[torch.Tensor]] = {k: [] for k in inner_steps}
     try:
         for batch in bench.tasks(tasks):
+            if digest is not None:
+                _feed(digest, batch)
             batch = batch.to(device)
             for k in inner_steps:
                 out = learner.evaluate(batch, inner_steps=k)
@@ -142,15 +151,33 @@ def per_task_metric(learner: MAML, bench: Benchmark, tasks: int, inner_steps: Se
     return {k: torch.cat(v) for k, v in found.items()}
 
 
+def _feed(digest: Any, batch: Any) -> None:
+    for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y):
+        digest.update(str((t.dtype, tuple(t.shape))).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+
+def task_digest(bench: Benchmark, tasks: int) -> str:
+    """A short digest of the tensors of the first ``tasks`` tasks of ``bench``: equal digests, same tasks."""
+    h = hashlib.blake2b(digest_size=8)
+    for batch in bench.tasks(tasks):
+        _feed(h, batch)
+    return h.hexdigest()
+
+
 def evaluate(learner: MAML, bench: Benchmark, tasks: int, inner_steps: Sequence[int],
              device: torch.device | str = "cpu", **extra: Any) -> list[dict[str, Any]]:
-    """Evaluation records ``{"split", "metric", "inner_steps", "tasks", "mean", "ci95", **extra}``, one per step count."""
+    """Evaluation records, one per step count: ``{"split", "metric", "inner_steps", "tasks", "mean", "ci95",
+    "task_set", "scores", **extra}``; ``scores`` is the list of per-task values (moved to ``scores.json`` by
+    :func:`append_records`), ``task_set`` the digest of the evaluated tasks."""
     metric = "accuracy" if bench.task_type == "classification" else "mse"
+    digest = hashlib.blake2b(digest_size=8)
     records = []
-    for k, values in per_task_metric(learner, bench, tasks, inner_steps, device).items():
+    for k, values in per_task_metric(learner, bench, tasks, inner_steps, device, digest).items():
         mean, ci = mean_ci95(values)
         records.append({"split": bench.split, "metric": metric, "inner_steps": int(k), "tasks": int(values.numel()),
-                        "mean": mean, "ci95": ci, **extra})
+                        "mean": mean, "ci95": ci, "task_set": digest.hexdigest(), **extra,
+                        "scores": [float(f"{v:.8g}") for v in values.double().tolist()]})
     return records
 
 
@@ -181,13 +208,57 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    """Append records to ``eval.json``, rewriting it atomically so a kill never leaves half a file."""
-    path = Path(run_dir) / EVAL_FILE
-    text = json.dumps([*read_records(run_dir), *records], indent=2) + "\n"
+def scores_key(record: dict[str, Any]) -> str:
+    """The key of a record's per-task scores in ``scores.json``: what was scored, when, on which tasks."""
+    parts = [record.get("benchmark", ""), record["split"], f"steps{record['inner_steps']}",
+             f"iter{record.get('iteration', '')}", f"ways{record.get('ways', '')}", record.get("task_set", "")]
+    return "/".join(map(str, parts))
+
+
+def read_scores(run_dir: str | Path) -> dict[str, list[float]]:
+    """The per-task scores of a run (``scores.json``: scores key → values; empty when there is none)."""
+    path = Path(run_dir) / SCORES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        scores = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away and re-run `metagrad eval`") from e
+    if not isinstance(scores, dict) or not all(isinstance(v, list) for v in scores.values()):
+        raise ValueError(f"{path} must map score keys to lists of per-task values")
+    return scores
+
+
+def record_scores(run_dir: str | Path, record: dict[str, Any]) -> list[float] | None:
+    """The per-task scores of one ``eval.json`` record (None for records written before they were kept)."""
+    key = record.get("scores_key")
+    return read_scores(run_dir).get(key) if key else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Append records to ``eval.json`` and their per-task scores to ``scores.json``, each rewritten atomically
+    (scores first, so a record never names scores that were not written)."""
+    run_dir = Path(run_dir)
+    scores, kept = read_scores(run_dir), []
+    for r in records:
+        r = dict(r)
+        values = r.pop("scores", None)
+        if values is not None:
+            r["scores_key"] = scores_key(r)
+            scores[r["scores_key"]] = values
+        kept.append(r)
+    _write_atomic(run_dir / SCORES_FILE, json.dumps(scores, separators=(",", ":")) + "\n")
+    path = run_dir / EVAL_FILE
+    _write_atomic(path, json.dumps([*read_records(run_dir), *kept], indent=2) + "\n")
     return path
 
 
@@ -274,6 +345,7 @@ def transfer_head(trained: dict[str, torch.Tensor], target: dict[str, torch.Tens
 
 __all__ = [
     "EVAL_FILE",
+    "SCORES_FILE",
     "append_records",
     "evaluate",
     "evaluate_run",
@@ -281,4 +353,7 @@ __all__ = [
     "mean_ci95",
     "per_task_metric",
     "read_records",
+    "read_scores",
+    "record_scores",
+    "task_digest",
 ]

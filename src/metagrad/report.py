@@ -5,18 +5,17 @@
 when missing), groups them into rows by (preset, method, resolved config apart from the seed) and writes
 ``report.md``, ``report.html`` and PNG figures into ``DIR``.
 
-Statistics, per row and evaluated (benchmark, inner steps):
+Statistics (:mod:`metagrad.stats`), per row and evaluated (benchmark, inner steps); the seed is the unit:
 
-- per seed: the run's final evaluation, mean over its n test tasks;
-- pooled: the mean of all seed × task values ± 95% CI = ``1.96 · sd / √n``, sd over all S·n seed × task values
-  (it includes the spread between seeds) and n the number of *distinct* test tasks: every seed is scored on the
-  same test tasks (``eval.seed`` is fixed), so they are not counted S times. This is wider (more cautious) than
-  ``1.96 · sd / √(S·n)``.
-- a method differs significantly from MAML on the same preset only when the two pooled 95% intervals do not
-  overlap (``▲`` better, ``▼`` worse); otherwise ``n.s.``. Overlapping intervals can still hide a real
-  difference: this rule only avoids claiming one that the data do not support. The MAML row compared with is
-  the one whose resolved config equals the method's apart from the seed and the plug-ins, when the runs hold
-  one (e.g. MAML with ``maml.adapt=no_norm`` for CxGrad run that way), else the preset's plain MAML row.
+- per seed: the run's final evaluation, mean over its n test tasks (the per-task scores in ``scores.json``);
+- the row: the mean of the per-seed means ± the 95% t-interval over seeds (none with one seed);
+- against MAML: the difference of the means with its 95% interval and p-value from the paired t-test on the
+  per-seed mean differences over the same test tasks (equal ``task_set`` digests; seeds paired by
+  ``train.seed``, Welch when the seeds differ), :func:`metagrad.stats.compare`. The p-values of every
+  comparison in the report form one family, adjusted by Holm's method; ``▲``/``▼`` (better / worse) only
+  where the adjusted p < 0.05, else ``n.s.``. The MAML row compared with is the one whose resolved config
+  equals the method's apart from the seed and the plug-ins, when the runs hold one (e.g. MAML with
+  ``maml.adapt=no_norm`` for CxGrad run that way), else the preset's plain MAML row.
 
 Example:
     >>> write_report(["runs/study-issue7-cpu"], "runs/study-issue7-cpu/report")
@@ -32,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import config as C
+from . import stats
 from .diagnostics import read_diagnostics, write_diagnostics
-from .evaluation import read_records
+from .evaluation import read_records, read_scores
 from .study import MANIFEST, method_label
 
 # Keys that may differ between the seeds of one row: they do not change what is measured.
@@ -51,6 +53,7 @@ class Run:
     metrics: list[dict[str, Any]]
     diagnostics: dict[str, Any] | None
     iteration: int
+    scores: dict[str, list[float]] = field(default_factory=dict)   # scores.json
 
     @property
     def method(self) -> str:
@@ -63,13 +66,16 @@ class Run:
 
 @dataclass
 class Stat:
-    """Pooled statistics of one row on one (benchmark, inner steps)."""
+    """One row's scores on one (benchmark, inner steps), over its seeds."""
 
     metric: str
-    mean: float
-    ci95: float
-    tasks: int                 # distinct test tasks
+    mean: float                # mean of the per-seed means
+    ci95: float                # half-width of the 95% t-interval over seeds (NaN with one seed)
+    tasks: int                 # test tasks per seed
     seed_means: list[float]
+    seeds: list[int] = field(default_factory=list)         # train.seed of each seed's run, same order
+    values: np.ndarray | None = None                        # [seeds, tasks] per-task scores when all kept them
+    task_set: str | None = None                             # the digest of the scored tasks, when recorded
 
     @property
     def low(self) -> float:
@@ -93,12 +99,12 @@ class Row:
         return f"{self.method} {self.variant}".strip()
 
     def stats(self) -> dict[tuple[str, int], Stat]:
-        """(evaluated benchmark, inner steps) → pooled statistics over the row's seeds."""
-        by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        """(evaluated benchmark, inner steps) → statistics over the row's seeds."""
+        by: dict[tuple[str, int], list[tuple[Run, dict[str, Any]]]] = {}
         for run in self.runs:
             for r in run.records:
-                by.setdefault((r.get("benchmark", run.cfg.benchmark.name), int(r["inner_steps"])), []).append(r)
-        return {k: pool(v) for k, v in by.items()}
+                by.setdefault((r.get("benchmark", run.cfg.benchmark.name), int(r["inner_steps"])), []).append((run, r))
+        return {k: seed_stat(v) for k, v in by.items()}
 
 
 @dataclass
@@ -109,26 +115,40 @@ class NotApplicable:
     seeds: int
 
 
-def pool(records: Sequence[dict[str, Any]]) -> Stat:
-    """Pool per-seed records (mean, ci95, tasks over the same test tasks) into one :class:`Stat`."""
-    total = sum(int(r["tasks"]) for r in records)
-    mean = sum(r["mean"] * r["tasks"] for r in records) / total
-    # Each record's population variance, recovered from its ci95 = 1.96·sd/√n (evaluation.mean_ci95).
-    second = sum(r["tasks"] * ((r["ci95"] * math.sqrt(r["tasks"]) / 1.96) ** 2 + r["mean"] ** 2) for r in records)
-    sd = math.sqrt(max(second / total - mean**2, 0.0))
-    n = max(int(r["tasks"]) for r in records)
-    return Stat(records[0]["metric"], mean, 1.96 * sd / math.sqrt(n), n, [float(r["mean"]) for r in records])
+def seed_stat(members: Sequence[tuple[Run, dict[str, Any]]]) -> Stat:
+    """The :class:`Stat` of one row on one (benchmark, steps) from its seeds' runs and final records."""
+    records = [r for _, r in members]
+    means = [float(r["mean"]) for r in records]
+    mean, ci = stats.seed_interval(means)
+    values = [run.scores.get(r.get("scores_key", "")) for run, r in members]
+    array = None
+    if all(v is not None for v in values) and len({len(v) for v in values}) == 1:
+        array = np.asarray(values, dtype=np.float64)
+    sets = {r.get("task_set") for r in records}
+    task_set = sets.pop() if len(sets) == 1 else "mixed"
+    return Stat(records[0]["metric"], mean, ci, max(int(r["tasks"]) for r in records), means,
+                [run.cfg.train.seed for run, _ in members], array, task_set)
 
 
-def compare(stat: Stat, base: Stat) -> str:
-    """``▲`` / ``▼`` when the 95% intervals do not overlap (better / worse than ``base``), else ``n.s.``."""
-    if stat.low > base.high:
-        better = stat.metric == "accuracy"
-    elif stat.high < base.low:
-        better = stat.metric != "accuracy"
-    else:
+def compare(stat: Stat, base: Stat) -> stats.Comparison | str:
+    """``stat`` against ``base`` (:func:`metagrad.stats.compare`), or why they cannot be compared."""
+    if "mixed" in (stat.task_set, base.task_set) or (stat.task_set and base.task_set
+                                                     and stat.task_set != base.task_set):
+        return "different test tasks"
+    if stat.values is not None and base.values is not None and stat.values.shape[1] == base.values.shape[1]:
+        a, b = stat.values, base.values
+    else:  # older records without per-task scores: the per-seed means give the same test statistic
+        a, b = np.asarray(stat.seed_means)[:, None], np.asarray(base.seed_means)[:, None]
+    return stats.compare(a, b, paired=sorted(stat.seeds) == sorted(base.seeds) and len(stat.seeds) == len(base.seeds))
+
+
+def verdict(c: stats.Comparison | str, adjusted: float, metric: str) -> str:
+    """``▲ better`` / ``▼ worse`` where the Holm-adjusted p < 0.05, ``n.s.`` otherwise, ``–`` when untestable."""
+    if isinstance(c, str) or math.isnan(adjusted):
+        return "–"
+    if adjusted >= 0.05:
         return "n.s."
-    return "▲ better" if better else "▼ worse"
+    return "▲ better" if (c.diff > 0) == (metric == "accuracy") else "▼ worse"
 
 
 # ------------------------------------------------------------------------------------------------ collecting
@@ -161,7 +181,7 @@ def load_run(path: Path, compute: bool = True) -> Run | None:
     diag = read_diagnostics(path)
     if (diag is None or diag.get("iteration") != last) and compute and (path / "checkpoint.pt").is_file():
         diag = write_diagnostics(path)
-    return Run(path, cfg, list(final.values()), read_metrics(path), diag, last)
+    return Run(path, cfg, list(final.values()), read_metrics(path), diag, last, read_scores(path))
 
 
 def _signature(cfg: C.Config, plugins: bool = True) -> str:
@@ -222,14 +242,28 @@ def not_applicable(paths: Sequence[str | Path]) -> list[NotApplicable]:
 
 # ------------------------------------------------------------------------------------------------ formatting
 def _fmt(stat: Stat) -> str:
-    if stat.metric == "accuracy":
-        return f"{100 * stat.mean:.2f} ± {100 * stat.ci95:.2f}%"
-    return f"{stat.mean:.4f} ± {stat.ci95:.4f}"
+    scale, digits, unit = (100, 2, "%") if stat.metric == "accuracy" else (1, 4, "")
+    ci = "" if math.isnan(stat.ci95) else f" ± {scale * stat.ci95:.{digits}f}"
+    return f"{scale * stat.mean:.{digits}f}{ci}{unit}"
 
 
 def _seed_fmt(stat: Stat) -> str:
     scale = 100 if stat.metric == "accuracy" else 1
     return " / ".join(f"{scale * m:.{2 if scale == 100 else 3}f}" for m in stat.seed_means)
+
+
+def _diff_fmt(c: stats.Comparison | str, metric: str) -> str:
+    """The difference to MAML with its 95% interval (points of accuracy, or MSE units)."""
+    if isinstance(c, str):
+        return f"– ({c})"
+    scale, digits, unit = (100, 2, " pts") if metric == "accuracy" else (1, 4, "")
+    if math.isnan(c.low):
+        return f"{scale * c.diff:+.{digits}f}{unit} (one seed: no interval)"
+    return f"{scale * c.diff:+.{digits}f} [{scale * c.low:+.{digits}f}, {scale * c.high:+.{digits}f}]{unit}"
+
+
+def _p_fmt(adjusted: float) -> str:
+    return "–" if math.isnan(adjusted) else f"{adjusted:.3g}"
 
 
 def _main_steps(row: Row) -> int:
@@ -238,64 +272,91 @@ def _main_steps(row: Row) -> int:
     return m.inner_steps if m.eval_inner_steps is None else m.eval_inner_steps
 
 
-def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, cells) of the report's tables; rendered to Markdown and HTML alike."""
-    head = ["benchmark", "method", "metric", "mean ± 95% CI", "vs MAML", "per-seed means", "tasks", "seeds",
-            "iterations", "train wall s/seed"]
-    main, steps_rows = [], []
-    # A method row is compared with the MAML row of the same config apart from the plug-ins (e.g. CxGrad with
-    # adapt=no_norm against MAML with adapt=no_norm) when the runs hold one, else with the preset's MAML row.
+def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.Comparison | str, float, Row | None]]:
+    """Every comparison the report makes: (row index, benchmark, steps) of a method row → (the comparison with
+    its MAML reference, the Holm-adjusted p over all of them, the matched MAML row if any).
+
+    A method row is compared with the MAML row of the same config apart from the plug-ins (e.g. CxGrad with
+    adapt=no_norm against MAML with adapt=no_norm) when the runs hold one, else with the preset's MAML row, on
+    every (benchmark, steps) both were scored on.
+    """
     base: dict[tuple[str, str, int], Stat] = {}
     matched: dict[tuple[str, str, int], tuple[Row, Stat]] = {}
     for row in rows:
         if row.method == "maml":
-            sig, stats = _signature(row.runs[0].cfg, plugins=False), row.stats()
-            matched.update({(sig, b, k): (row, s) for (b, k), s in stats.items()})
+            sig, st = _signature(row.runs[0].cfg, plugins=False), row.stats()
+            matched.update({(sig, b, k): (row, s) for (b, k), s in st.items()})
             if not row.variant:
-                base.update({(row.preset, b, k): s for (b, k), s in stats.items()})
-
-    def reference(row: Row, sig: Any, bench: str, steps: int) -> tuple[Stat | None, Row | None]:
-        """The MAML statistics a row is compared with on (bench, steps), and the matched MAML row if any."""
-        twin = matched.get((sig, bench, steps))
-        return (twin[1], twin[0]) if twin else (base.get((row.preset, bench, steps)), None)
-
-    for row in rows:
-        stats = row.stats()
-        k = _main_steps(row)
+                base.update({(row.preset, b, k): s for (b, k), s in st.items()})
+    found: dict[tuple[int, str, int], tuple[stats.Comparison | str, Row | None]] = {}
+    for i, row in enumerate(rows):
+        if row.method == "maml":
+            continue
         sig = _signature(row.runs[0].cfg, plugins=False)
+        for (bench, steps), s in row.stats().items():
+            twin = matched.get((sig, bench, steps))
+            ref = twin[1] if twin else base.get((row.preset, bench, steps))
+            if ref is not None:
+                found[(i, bench, steps)] = (compare(s, ref), twin[0] if twin else None)
+    keys = list(found)
+    adjusted = stats.holm([math.nan if isinstance(found[k][0], str) else found[k][0].p for k in keys])
+    return {k: (found[k][0], adj, found[k][1]) for k, adj in zip(keys, adjusted)}
+
+
+def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, cells) of the report's tables; rendered to Markdown and HTML alike."""
+    head = ["benchmark", "method", "metric", "mean ± 95% CI (seeds)", "vs MAML: difference [95% CI]",
+            "p (Holm)", "verdict", "per-seed means", "tasks", "seeds", "iterations", "train wall s/seed"]
+    main, steps_rows = [], []
+    comps = comparisons(rows)
+    for i, row in enumerate(rows):
+        stats_ = row.stats()
+        k = _main_steps(row)
         walls = [r.wall for r in row.runs if r.wall is not None]
         wall = f"{sum(walls) / len(walls):.0f}" if walls else "–"
         own = row.runs[0].cfg.benchmark.name
-        for (bench, steps), s in sorted(stats.items(), key=lambda kv: (kv[0][0] != own, kv[0])):
+        for (bench, steps), s in sorted(stats_.items(), key=lambda kv: (kv[0][0] != own, kv[0])):
             cross = bench != own
-            if steps != k and (bench, k) in stats:   # the other step counts: the step table below
+            if steps != k and (bench, k) in stats_:   # the other step counts: the step table below
                 continue
-            ref, twin = reference(row, sig, bench, steps)
-            vs = "(reference)" if row.method == "maml" else compare(s, ref) if ref else "–"
-            if twin and twin.variant and row.method != "maml":
-                vs += f" (vs {twin.name})"
+            if row.method == "maml":
+                diff, p, mark = "(reference)", "", ""
+            elif (i, bench, steps) in comps:
+                c, adj, twin = comps[(i, bench, steps)]
+                diff, p, mark = _diff_fmt(c, s.metric), _p_fmt(adj), verdict(c, adj, s.metric)
+                if twin and twin.variant:
+                    mark += f" (vs {twin.name})"
+            else:
+                diff, p, mark = "– (no MAML row)", "–", "–"
             label = f"{row.preset} → {bench}" if cross else row.preset
             metric = f"{s.metric} ({steps} step{'' if steps == 1 else 's'})"
-            main.append([label, row.name, metric, _fmt(s), vs, _seed_fmt(s), str(s.tasks),
+            main.append([label, row.name, metric, _fmt(s), diff, p, mark, _seed_fmt(s), str(s.tasks),
                          str(len(s.seed_means)), str(row.runs[0].iteration), wall])
-        for bench in sorted({b for b, _ in stats}, key=lambda b: (b != own, b)):
-            counts = sorted(kk for b, kk in stats if b == bench)
+        for bench in sorted({b for b, _ in stats_}, key=lambda b: (b != own, b)):
+            counts = sorted(kk for b, kk in stats_ if b == bench)
             if len(counts) < 2:
                 continue
             cells = []
             for steps in counts:
-                s = stats[(bench, steps)]
-                ref, _ = reference(row, sig, bench, steps)
-                mark = "" if row.method == "maml" else f" {compare(s, ref).split()[0]}" if ref else " –"
+                s = stats_[(bench, steps)]
+                mark = ""
+                if row.method != "maml":
+                    c, adj, _ = comps.get((i, bench, steps), ("no MAML row", math.nan, None))
+                    mark = f" {verdict(c, adj, s.metric).split()[0]}"
+                    if not isinstance(c, str):
+                        mark += f" {_diff_fmt(c, s.metric)}, p {_p_fmt(adj)}"
                 cells.append(f"{steps}: {_fmt(s)}{mark}")
             label = row.preset if bench == own else f"{row.preset} → {bench}"
             steps_rows.append([label, row.name, "; ".join(cells)])
     for n in na:
-        main.append([n.preset, n.method, "–", "N/A (see below)", "–", "–", "–", str(n.seeds), "–", "–"])
+        main.append([n.preset, n.method, "–", "N/A (see below)", "–", "–", "–", "–", "–", str(n.seeds), "–", "–"])
     main.sort(key=lambda cells: cells[0].split(" → ")[0])  # stable: N/A rows join their benchmark's rows
-    out = [("Test results (final evaluation, pooled over seeds)", head, main)]
+    out = [(f"Test results (final evaluation, over seeds; {len(comps)} comparisons with MAML, Holm-adjusted)",
+            head, main)]
     if steps_rows:
-        out.append(("Test metric after each reported number of inner steps (▲/▼/n.s.: against MAML after as many)",
+        title = ("Test metric after each reported number of inner steps (▲/▼/n.s.: against MAML after as many, "
+                 "the difference and Holm-adjusted p of the same family)")
+        out.append((title,
                     ["benchmark", "method", "steps: mean ± 95% CI"], steps_rows))
     diag = diagnostic_rows(rows)
     if diag:
@@ -372,11 +433,13 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>metagrad r
              "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>"
              "</head><body><h1>metagrad report</h1>")
-RULE = ("Pooled mean over seeds × test tasks ± 95% CI = 1.96·sd/√n, sd over all seed × task values and n the "
-        "number of distinct test tasks (the seeds share the test tasks). A method is marked ▲/▼ against MAML on "
-        "the same benchmark only when the two 95% intervals do not overlap; otherwise n.s. (not significant). "
-        "The MAML row is the one with the method's config apart from the plug-ins when there is one (named "
-        "in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else the preset's plain MAML row.")
+RULE = ("The seed is the unit of replication. Each row: the mean of its per-seed means ± the 95% t-interval "
+        "over seeds. Against MAML: the difference of the means with its 95% interval and p from the paired t-test "
+        "on the per-seed mean differences over the same test tasks (seeds paired by train.seed; Welch when the "
+        "seeds differ); the p-values of every comparison in this report form one family, Holm-adjusted. ▲/▼ "
+        "only where the adjusted p < 0.05, else n.s. The MAML row is the one with the method's config apart "
+        "from the plug-ins when there is one (named in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else "
+        "the preset's plain MAML row.")
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,
@@ -431,4 +494,5 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     return path
 
 
-__all__ = ["Row", "Run", "Stat", "compare", "find_runs", "group", "load_run", "pool", "tables", "write_report"]
+__all__ = ["Row", "Run", "Stat", "compare", "comparisons", "find_runs", "group", "load_run", "seed_stat", "tables",
+           "verdict", "write_report"]

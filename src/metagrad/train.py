@@ -40,6 +40,7 @@ from . import config as C
 from . import distributed as D
 from .data import Benchmark
 from .evaluation import (
+    SCORES_FILE,
     RunError,
     append_records,
     evaluate,
@@ -50,7 +51,7 @@ from .evaluation import (
 )
 from .maml import MAML
 
-RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json")
+RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json", SCORES_FILE)
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
 RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root",
              "train.keep_checkpoints", "train.max_bad_steps", "train.time_budget_min")
