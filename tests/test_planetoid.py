@@ -346,3 +346,25 @@ def _meta_train_cora() -> tuple[float, float, float]:
         F.cross_entropy(model.forward_batched(fast, b.query_x).flatten(0, 1), b.query_y.flatten()).backward()
         opt.step()
     return before, _accuracy(model, probe), _accuracy(model, test)
+
+
+@pytest.mark.parametrize("name,classes", [("cora", 7), ("citeseer", 6)])
+def test_folds_rotate_the_held_out_pair_over_every_class(name: str, classes: int) -> None:
+    from metagrad.data.planetoid import fold_classes
+
+    folds = (classes + 1) // 2
+    tested = set()
+    for k in range(folds):
+        split = {s: set(make(name, s, fold=k).classes) for s in ("train", "val", "test")}
+        assert split["test"] == set(fold_classes(classes, k)[0]) and len(split["test"]) == 2
+        assert not (split["train"] & split["val"]) and not (split["train"] & split["test"])
+        assert not (split["val"] & split["test"])
+        assert split["train"] | split["val"] | split["test"] == set(range(classes))
+        tested |= split["test"]
+    assert tested == set(range(classes))
+    # Validation on held-out nodes of the training classes leaves more classes to train on.
+    assert len(make(name, "train", fold=0, val_classes=()).classes) == classes - 2
+    with pytest.raises(DataError, match="fold must be an integer in 0"):
+        make(name, fold=folds)
+    with pytest.raises(DataError, match="not both"):
+        make(name, fold=0, test_classes=(0, 1))

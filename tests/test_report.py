@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from metagrad import config as C
 from metagrad.cli import main
-from metagrad.report import Row, Run, _signature, comparisons, markdown_table, tables, verdict
+from metagrad.report import Row, Run, _signature, comparisons, group, markdown_table, tables, verdict
 from metagrad.study import Study, load_study, method_label, method_plugins, run_study
 
 TINY = ["train.log_every=5", "train.val_every=10", "train.val_tasks=5", "train.checkpoint_every=5",
@@ -81,16 +81,28 @@ def test_study_runs_resumes_skips_and_reports(tmp_path):
     assert (tmp_path / "rep" / "report.md").read_text().count("| sinusoid-5shot |") >= 3
 
 
-def fake_row(method, per_seed_scores, metric="accuracy", task_set="abc", seeds=None, preset="p"):
-    """A report row of finished runs whose final records hold the given per-task scores ``[seeds][tasks]``."""
+def fake_row(method, per_seed_scores, metric="accuracy", task_set="abc", seeds=None, preset="p", folds=None,
+             fold=None):
+    """A report row of finished runs whose final records hold the given per-task scores ``[seeds][tasks]``
+    (with ``folds``: one run per (fold, seed), the scores of seed k fold f at ``per_seed_scores[f][k]``)."""
+    if folds is not None:
+        return Row(preset, method, [run for f in range(folds) for run in fake_row(
+            method, per_seed_scores[f], metric, f"{task_set}{f}", seeds, preset, fold=f).runs])
+    return _fake_row(method, per_seed_scores, metric, task_set, seeds, preset, fold)
+
+
+def _fake_row(method, per_seed_scores, metric, task_set, seeds, preset, fold=None):
     runs = []
     for k, values in zip(seeds or range(len(per_seed_scores)), per_seed_scores):
         cfg = C.Config(name=preset, plugins=method_plugins(method))
         cfg.train.seed = k
+        if fold is not None:
+            cfg.benchmark.kwargs["fold"] = fold
         key = f"b/test/steps1/seed{k}"
         rec = {"benchmark": "b", "split": "test", "metric": metric, "inner_steps": 1, "tasks": len(values),
                "mean": float(np.mean(values)), "ci95": 0.0, "task_set": task_set, "scores_key": key}
-        runs.append(Run(Path(f"/runs/{method}/seed{k}"), cfg, [rec], [], None, 10, {key: list(map(float, values))}))
+        runs.append(Run(Path(f"/runs/{method}/{fold}/seed{k}"), cfg, [rec], [], None, 10,
+                        {key: list(map(float, values))}))
     return Row(preset, method, runs)
 
 
@@ -102,6 +114,23 @@ def test_row_statistics_take_the_seed_as_the_unit():
     half = sps.t.ppf(0.975, 2) * means.std(ddof=1) / math.sqrt(3)
     assert s.mean == pytest.approx(means.mean()) and s.ci95 == pytest.approx(half)
     assert s.values.shape == (3, 50) and s.seeds == [0, 1, 2] and s.task_set == "abc"
+
+
+def test_rotations_of_the_held_out_classes_join_per_seed():
+    rng = np.random.default_rng(3)
+    per_fold = 0.6 + 0.1 * rng.standard_normal((4, 3, 20))            # [folds, seeds, tasks]
+    row = fake_row("maml", per_fold, folds=4)
+    assert len(row.runs) == 12 and {run.cfg.benchmark.kwargs["fold"] for run in row.runs} == {0, 1, 2, 3}
+    s = row.stats()[("b", 1)]
+    assert s.seeds == [0, 1, 2] and s.tasks == 80 and s.values.shape == (3, 80)
+    assert np.allclose(s.seed_means, per_fold.mean(axis=(0, 2)))          # each seed: the mean over rotations
+    assert np.allclose(s.values[1], np.concatenate(per_fold[:, 1]))       # folds joined in fold order
+    assert s.task_set == "+".join(f"fold{f}:abc{f}" for f in range(4))
+    # The same folds of another method pair with it; a row whose runs are folds groups as one row.
+    better = fake_row("cml", per_fold + 0.05, folds=4)
+    comps = comparisons([row, better])
+    assert comps[(1, "b", 1)][0].diff == pytest.approx(0.05)
+    assert len(group(row.runs + better.runs)) == 2
 
 
 def test_verdicts_need_the_holm_adjusted_p():
@@ -168,6 +197,24 @@ def test_every_shipped_study_resolves_every_cell(tmp_path):
         with_cxgrad = [c for c in cells(study, tmp_path, seeds=1) if "cxgrad" in c.plugins]
         assert len(with_cxgrad) == 2
         assert all(_signature(cell_config(study, c), plugins=False) == maml_sig for c in with_cxgrad)
+
+
+def test_a_study_with_folds_runs_a_cell_per_rotation(tmp_path):
+    from metagrad.study import cell_config, cells
+
+    spec = tmp_path / "folds.toml"
+    spec.write_text('presets = ["cora-2w5s", "sinusoid-5shot"]\nmethods = ["maml", "cml"]\nseeds = 2\n'
+                    '[folds]\n"cora-2w5s" = 4\n')
+    study = load_study(str(spec))
+    grid = cells(study, tmp_path)
+    assert len(grid) == 2 * 4 * 2 + 2 * 2
+    cora = [c for c in grid if c.preset == "cora-2w5s"]
+    assert sorted({c.fold for c in cora}) == [0, 1, 2, 3] and all(f"fold{c.fold}" in c.run_dir for c in cora)
+    assert cell_config(study, cora[-1]).benchmark.kwargs["fold"] == 3
+    assert all(c.fold is None for c in grid if c.preset == "sinusoid-5shot")
+    spec.write_text('presets = ["cora-2w5s"]\nmethods = ["maml"]\n[folds]\n"citeseer-2w5s" = 3\n')
+    with pytest.raises(C.ConfigError, match="folds must map presets of the study"):
+        load_study(str(spec))
 
 
 def test_methods_labels_and_bad_studies(tmp_path, capsys):

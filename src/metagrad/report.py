@@ -7,7 +7,9 @@ when missing), groups them into rows by (preset, method, resolved config apart f
 
 Statistics (:mod:`metagrad.stats`), per row and evaluated (benchmark, inner steps); the seed is the unit:
 
-- per seed: the run's final evaluation, mean over its n test tasks (the per-task scores in ``scores.json``);
+- per seed: the run's final evaluation, mean over its n test tasks (the per-task scores in ``scores.json``); a
+  row whose runs rotate the held-out classes (``benchmark.kwargs.fold``, graphs) joins each seed's folds in fold
+  order, so a seed's mean is the mean over the rotations and its tasks are every fold's;
 - the row: the mean of the per-seed means ± the 95% t-interval over seeds (none with one seed);
 - against MAML: the difference of the means with its 95% interval and p-value from the paired t-test on the
   per-seed mean differences over the same test tasks (equal ``task_set`` digests; seeds paired by
@@ -39,8 +41,9 @@ from .diagnostics import read_diagnostics, write_diagnostics
 from .evaluation import read_records, read_scores
 from .study import MANIFEST, method_label
 
-# Keys that may differ between the seeds of one row: they do not change what is measured.
-SEED_KEYS = ("train.seed", "train.threads", "train.device", "benchmark.data_root", "name")
+# Keys that may differ between the runs of one row: the seed and the rotation of held-out classes are its
+# replicates; the others do not change what is measured.
+SEED_KEYS = ("train.seed", "benchmark.kwargs.fold", "train.threads", "train.device", "benchmark.data_root", "name")
 
 
 @dataclass
@@ -116,18 +119,30 @@ class NotApplicable:
 
 
 def seed_stat(members: Sequence[tuple[Run, dict[str, Any]]]) -> Stat:
-    """The :class:`Stat` of one row on one (benchmark, steps) from its seeds' runs and final records."""
-    records = [r for _, r in members]
-    means = [float(r["mean"]) for r in records]
+    """The :class:`Stat` of one row on one (benchmark, steps) from its runs and their final records: one
+    replicate per ``train.seed``, its folds (rotations of the held-out classes) joined in fold order."""
+    by_seed: dict[int, list[tuple[Any, Run, dict[str, Any]]]] = {}
+    for run, r in members:
+        by_seed.setdefault(run.cfg.train.seed, []).append((run.cfg.benchmark.kwargs.get("fold", -1), run, r))
+    seeds = sorted(by_seed)
+    means, arrays, sets, tasks = [], [], set(), set()
+    for seed in seeds:
+        parts = sorted(by_seed[seed], key=lambda x: x[0])
+        values = [run.scores.get(r.get("scores_key", "")) for _, run, r in parts]
+        n = sum(int(r["tasks"]) for _, _, r in parts)
+        means.append(sum(float(r["mean"]) * int(r["tasks"]) for _, _, r in parts) / n)
+        arrays.append(None if any(v is None for v in values) else [x for v in values for x in v])
+        digests = [r.get("task_set") for *_, r in parts]
+        sets.add(None if not all(digests) else digests[0] if len(parts) == 1
+                 else "+".join(f"fold{f}:{d}" for (f, *_), d in zip(parts, digests)))
+        tasks.add(n)
     mean, ci = stats.seed_interval(means)
-    values = [run.scores.get(r.get("scores_key", "")) for run, r in members]
     array = None
-    if all(v is not None for v in values) and len({len(v) for v in values}) == 1:
-        array = np.asarray(values, dtype=np.float64)
-    sets = {r.get("task_set") for r in records}
+    if all(a is not None for a in arrays) and len({len(a) for a in arrays}) == 1:
+        array = np.asarray(arrays, dtype=np.float64)
     task_set = sets.pop() if len(sets) == 1 else "mixed"
-    return Stat(records[0]["metric"], mean, ci, max(int(r["tasks"]) for r in records), means,
-                [run.cfg.train.seed for run, _ in members], array, task_set)
+    metric = members[0][1]["metric"]
+    return Stat(metric, mean, ci, max(tasks), means, seeds, array, task_set)
 
 
 def compare(stat: Stat, base: Stat) -> stats.Comparison | str:

@@ -13,10 +13,14 @@ A study is a small TOML file in ``metagrad/configs/studies/`` (or any ``.toml`` 
     cxgrad = ["maml.adapt=no_norm"]
     [cross_domain]                                # after training, also evaluate on these benchmarks
     "omniglot-5w1s" = ["mnist"]
+    [folds]                                       # rotations of the held-out classes (optional, graphs)
+    "cora-2w5s" = 4                               # cells with benchmark.kwargs.fold = 0 .. 3
 
 A method is ``maml`` (no plug-in) or plug-in keys joined by ``+`` (applied in that order); every cell is the
 preset with ``plugins=...`` and ``train.seed=k`` set, so no preset file per method is needed. Cell ``(preset,
-method, k)`` runs into ``<out>/<preset>/<method label>/seed<k>`` (label: the sorted keys joined by ``+``).
+method, k)`` runs into ``<out>/<preset>/<method label>/seed<k>`` (label: the sorted keys joined by ``+``); with
+``folds``, each fold f of a preset is a cell of its own, ``<out>/<preset>/<method label>/fold<f>/seed<k>``, and
+the report averages a method over the folds (see :mod:`metagrad.report`).
 
 After training, each cell is scored after its test step count and, when training used another one (e.g. 1 step
 in training, 3 at test), after that one too, on its own benchmark and every cross-domain one.
@@ -55,7 +59,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 STUDY_DIR = C.PRESET_DIR / "studies"
 MANIFEST = "study.json"
-_KEYS = ("description", "presets", "methods", "seeds", "set", "preset_set", "method_set", "cross_domain")
+_KEYS = ("description", "presets", "methods", "seeds", "set", "preset_set", "method_set", "cross_domain", "folds")
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Study:
     preset_set: dict[str, list[str]] = field(default_factory=dict)    # overrides per preset
     method_set: dict[str, list[str]] = field(default_factory=dict)    # overrides per method (plug-in key or label)
     cross_domain: dict[str, list[str]] = field(default_factory=dict)  # preset → benchmarks also evaluated on
+    folds: dict[str, int] = field(default_factory=dict)               # preset → rotations of held-out classes
     description: str = ""
 
 
@@ -80,6 +85,7 @@ class Cell:
     plugins: list[str]  # in the order given by the study
     seed: int
     run_dir: str
+    fold: int | None = None  # rotation of the held-out classes (benchmark.kwargs.fold), when the study has folds
 
 
 @dataclass
@@ -128,6 +134,9 @@ def load_study(name_or_path: str) -> Study:
     study = Study(name=path.stem, **raw)
     if study.seeds < 1:
         raise C.ConfigError(f"{path}: seeds must be >= 1, got {study.seeds}")
+    bad = {k: v for k, v in study.folds.items() if k not in study.presets or not isinstance(v, int) or v < 1}
+    if bad:
+        raise C.ConfigError(f"{path}: folds must map presets of the study to a number >= 1, got {bad}")
     return study
 
 
@@ -136,11 +145,13 @@ def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[C
     n = study.seeds if seeds is None else seeds
     grid = []
     for preset in study.presets:
+        folds = study.folds.get(preset)
         for method in study.methods:
             plugins = method_plugins(method)
             label = method_label(plugins)
-            for k in range(n):
-                grid.append(Cell(preset, label, plugins, k, str(Path(out_dir) / preset / label / f"seed{k}")))
+            for fold in range(folds) if folds else [None]:
+                where = Path(out_dir) / preset / label if fold is None else Path(out_dir) / preset / label / f"fold{fold}"
+                grid += [Cell(preset, label, plugins, k, str(where / f"seed{k}"), fold) for k in range(n)]
     return grid
 
 
@@ -150,8 +161,9 @@ def cell_config(study: Study, cell: Cell, overrides: Sequence[str] = ()) -> C.Co
     for key in cell.plugins:
         if key != cell.method:
             per_method += study.method_set.get(key, [])
+    fold = [] if cell.fold is None else [f"benchmark.kwargs.fold={cell.fold}"]
     return C.resolve(cell.preset, [*study.set, *study.preset_set.get(cell.preset, []),
-                                   f"plugins={','.join(cell.plugins)}", *per_method,
+                                   f"plugins={','.join(cell.plugins)}", *per_method, *fold,
                                    f"train.seed={cell.seed}", *overrides])
 
 
@@ -272,7 +284,8 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
         _write_json(out / MANIFEST, manifest)
         if progress:
             extra = f": {rec['reason']}" if rec.get("reason") else f" ({rec.get('seconds', 0):.0f} s)"
-            print(f"[{len(records)}/{len(grid)}] {rec['preset']} {rec['method']} seed{rec['seed']}: "
+            fold = "" if rec.get("fold") is None else f" fold{rec['fold']}"
+            print(f"[{len(records)}/{len(grid)}] {rec['preset']} {rec['method']}{fold} seed{rec['seed']}: "
                   f"{rec['status']}{extra}", flush=True)
 
     jobs_args = [(c, cfg, study.cross_domain.get(c.preset, [])) for c, cfg in zip(grid, configs)]

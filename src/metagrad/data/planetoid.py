@@ -15,6 +15,12 @@ Class split (fixed, so that a benchmark name means one protocol; classes are the
     ``val_fraction`` of their nodes); ``test_classes=(...)`` / ``val_classes=(...)`` pick other classes, e.g. the
     cross-validation folds of Meta-GNN or three test classes for 3-way.
 
+Rotations (``fold=k``, k = 0 … ⌈C/2⌉ − 1 for C classes): one fixed test pair makes every test episode a sample of
+that one pair, so a study rotates it: fold k tests on classes {2k, 2k+1} mod C and validates on the next pair
+{2k+2, 2k+3} mod C (or on held-out nodes with ``val_classes=()``); the other classes train. Every class is a
+test class in some fold (Cora: {0,1} {2,3} {4,5} {6,0}; CiteSeer: {0,1} {2,3} {4,5}), and a report averages a
+method over the folds (:mod:`metagrad.report`).
+
 Features: ``feature_norm="none"`` (default) keeps the files' binary bag-of-words; ``"row"`` divides each row by
 its sum, the GCN convention. Row sums of 18 (Cora) and 32 (CiteSeer) make row-normalised inputs ~0.05, so MAML's
 plain-SGD inner step barely moves a GCN: in our runs MAML stayed at 50-57% test accuracy with them (α 0.5-20,
@@ -260,6 +266,7 @@ class PlanetoidFewShot(Benchmark):
             a held-out share of the train classes' nodes instead.
         val_fraction: that share, used only with ``val_classes=()``.
         feature_norm: "none" (binary features, default) or "row" (Kipf & Welling's row normalisation).
+        fold: rotation k of the held-out classes (see the module docstring); not with ``test_classes``.
 
     Example:
         >>> bench = metagrad.data.create("cora", "train", ways=2, shots=5, queries=10, meta_batch_size=4)
@@ -275,13 +282,18 @@ class PlanetoidFewShot(Benchmark):
     def __init__(self, name: str, split: str = "train", ways: int = 2, shots: int = 5, queries: int = 10,
                  meta_batch_size: int = 4, seed: int = 0, root: str | os.PathLike | None = None,
                  test_classes: Sequence[int] | None = None, val_classes: Sequence[int] | None = None,
-                 val_fraction: float = 0.2, feature_norm: str = "none") -> None:
+                 val_fraction: float = 0.2, feature_norm: str = "none", fold: int | None = None) -> None:
         super().__init__(split, meta_batch_size, seed)
         if ways < 2 or shots < 1 or queries < 1:
             raise ValueError(f"{name}: need ways >= 2, shots >= 1, queries >= 1, got {ways}, {shots}, {queries}")
         self.name, self.ways, self.shots, self.queries = name, int(ways), int(shots), int(queries)
         self.out_dim = self.ways
         self.graph = load_planetoid(name, root, feature_norm)
+        if fold is not None:
+            if test_classes is not None:
+                raise DataError(f"{name}: pass fold or test_classes, not both")
+            test_classes, rotated_val = fold_classes(self.graph.num_classes, fold)
+            val_classes = rotated_val if val_classes is None else val_classes
         self.classes, self.pools = _split_pools(self.graph, split, test_classes, val_classes, val_fraction)
         if len(self.classes) < ways:
             raise DataError(f"{name} split {split!r} has {len(self.classes)} classes {self.classes}, fewer than "
@@ -315,6 +327,15 @@ class PlanetoidFewShot(Benchmark):
         from ..models.gcn import GCN
 
         return GCN(self.graph.features, self.graph.adjacency, hidden=hidden, out_dim=self.ways, dropout=dropout)
+
+
+def fold_classes(n_classes: int, fold: int) -> tuple[list[int], list[int]]:
+    """Test and val classes of rotation ``fold``: {2k, 2k+1} and {2k+2, 2k+3}, mod ``n_classes``."""
+    folds = (n_classes + 1) // 2
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise DataError(f"fold must be an integer in 0..{folds - 1} for {n_classes} classes, got {fold!r}")
+    return [2 * fold % n_classes, (2 * fold + 1) % n_classes], \
+        [(2 * fold + 2) % n_classes, (2 * fold + 3) % n_classes]
 
 
 def _class_major_labels(tasks: int, ways: int, per_class: int) -> torch.Tensor:
@@ -364,4 +385,4 @@ def _factory(name: str):
 register("cora")(_factory("cora"))
 register("citeseer")(_factory("citeseer"))
 
-__all__ = ["Graph", "PlanetoidFewShot", "load_planetoid"]
+__all__ = ["Graph", "PlanetoidFewShot", "fold_classes", "load_planetoid"]
