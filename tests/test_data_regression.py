@@ -32,7 +32,7 @@ def test_streams_are_seeded_and_disjoint(name):
 
 def test_harmonic_targets_follow_the_formula():
     bench = make()
-    p, x = bench._tasks(0)
+    p, _ = bench._tasks(0)
     batch = bench.batch(0)
     t = 3
     a, b, w = p["a"][t, :, 0], p["b"][t, :, 0], p["omega"][t, 0, 0]
@@ -47,7 +47,7 @@ def test_a_pool_holds_its_tasks_and_draws_fresh_inputs():
     seen = functions(bench, 40)                        # 1280 tasks drawn from a pool of 50
     assert len(seen) <= 50 and len(seen) > 40
     # Inputs are drawn afresh each time a function is used (torchmeta draws them per task instance).
-    p0, x0 = bench._tasks(0)
+    _, x0 = bench._tasks(0)
     assert not torch.equal(x0, bench._tasks(1)[1])
     # Per-split pools are disjoint; a shared pool makes test tasks training tasks.
     assert not functions(make(pool=50), 40) & functions(make(split="test", pool=50), 40)

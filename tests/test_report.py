@@ -133,6 +133,16 @@ def test_rotations_of_the_held_out_classes_join_per_seed():
     assert len(group(row.runs + better.runs)) == 2
 
 
+def test_the_report_states_the_plateau_criterion_per_seed():
+    row = fake_row("maml", np.full((2, 5), 0.9))
+    curves = [[0.90, 0.95, 0.960, 0.962], [0.90, 0.94, 0.950, 0.960]]   # seed 1 still gains a point
+    for run, values in zip(row.runs, curves):
+        run.metrics = [{"iteration": 500 * (i + 1), "val_accuracy": v} for i, v in enumerate(values)]
+    title, _, cells = next(t for t in tables([row], []) if t[0].startswith("Validation plateau"))
+    assert "0.5 points" in title and cells[0][2] == "1500 → 2000"
+    assert "seed 0: 96.00% → 96.20% (+0.20 pts)" in cells[0][3] and cells[0][4] == "no (1 of 2)"
+
+
 def test_verdicts_need_the_holm_adjusted_p():
     rng = np.random.default_rng(1)
     task = 0.8 + 0.1 * rng.standard_normal(100)

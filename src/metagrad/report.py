@@ -39,6 +39,7 @@ from . import config as C
 from . import stats
 from .diagnostics import read_diagnostics, write_diagnostics
 from .evaluation import read_records, read_scores
+from .plateau import POINTS, RELATIVE, plateau
 from .study import MANIFEST, method_label
 
 # Keys that may differ between the runs of one row: the seed and the rotation of held-out classes are its
@@ -373,6 +374,10 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
                  "the difference and Holm-adjusted p of the same family)")
         out.append((title,
                     ["benchmark", "method", "steps: mean ± 95% CI"], steps_rows))
+    curves = plateau_rows(rows)
+    if curves:
+        out.append((PLATEAU_TITLE, ["benchmark", "method", "validation steps", "per seed: start → end (gain)",
+                                    "plateau reached"], curves))
     diag = diagnostic_rows(rows)
     if diag:
         out.append((DIAG_TITLE,
@@ -387,6 +392,37 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
                 [[r.preset, r.name, ", ".join(r.overrides) or "(preset as is)",
                   ", ".join(str(x.path) for x in r.runs)] for r in rows]))
     return out
+
+
+PLATEAU_TITLE = (f"Validation plateau (metagrad.plateau: under {100 * POINTS:.1f} points of accuracy, or "
+                 f"{100 * RELATIVE:.0f}% of an error, gained from the validation nearest 0.75·N to N)")
+
+
+def plateau_rows(rows: Sequence[Row]) -> list[list[str]]:
+    """Per row, the plateau criterion on every seed's validation curve (rows without validations left out)."""
+    out = []
+    for row in rows:
+        found = [(run, plateau(run.metrics)) for run in row.runs]
+        found = [(run, p) for run, p in found if p is not None]
+        if not found:
+            continue
+        acc = found[0][1].metric == "accuracy"
+        cells = [f"seed {run.cfg.train.seed}{_fold(run)}: {_val(p.before, acc)} → {_val(p.after, acc)} "
+                 f"({100 * p.gain:+.2f}{' pts' if acc else '%'})" for run, p in found]
+        steps = sorted({f"{p.start} → {p.end}" for _, p in found})
+        reached = sum(p.reached for _, p in found)
+        out.append([row.preset, row.name, ", ".join(steps), "; ".join(cells),
+                    f"{'yes' if reached == len(found) else 'no'} ({reached} of {len(found)})"])
+    return out
+
+
+def _val(v: float, accuracy: bool) -> str:
+    return f"{100 * v:.2f}%" if accuracy else f"{v:.4g}"
+
+
+def _fold(run: Run) -> str:
+    fold = run.cfg.benchmark.kwargs.get("fold")
+    return "" if fold is None else f" fold {fold}"
 
 
 def _quantile(values: list[float], q: float) -> float:
