@@ -290,7 +290,8 @@ def _main_steps(row: Row) -> int:
 
 def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.Comparison | str, float, Row | None]]:
     """Every comparison the report makes: (row index, benchmark, steps) of a method row → (the comparison with
-    its MAML reference, the Holm-adjusted p over all of them, the matched MAML row if any).
+    its MAML reference, the Holm-adjusted p over the family, the matched MAML row if any). The family: every
+    testable comparison at a row's verdict step counts (:func:`verdict_steps`); the others get NaN.
 
     A method row is compared with the MAML row of the same config apart from the plug-ins (e.g. CxGrad with
     adapt=no_norm against MAML with adapt=no_norm) when the runs hold one, else with the preset's MAML row, on
@@ -315,8 +316,15 @@ def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.C
             if ref is not None:
                 found[(i, bench, steps)] = (compare(s, ref), twin[0] if twin else None)
     keys = list(found)
-    adjusted = stats.holm([math.nan if isinstance(found[k][0], str) else found[k][0].p for k in keys])
-    return {k: (found[k][0], adj, found[k][1]) for k, adj in zip(keys, adjusted)}
+    family = [k for k in keys if not isinstance(found[k][0], str) and k[2] in verdict_steps(rows[k[0]])]
+    adjusted = dict(zip(family, stats.holm([found[k][0].p for k in family])))
+    return {k: (found[k][0], adjusted.get(k, math.nan), found[k][1]) for k in keys}
+
+
+def verdict_steps(row: Row) -> set[int]:
+    """The step counts a row is judged at: its test count and the count it was trained with. Others (e.g. 0
+    steps, before adaptation) are shown with their difference but are not in the family and get no verdict."""
+    return {_main_steps(row), row.runs[0].cfg.maml.inner_steps}
 
 
 def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -360,15 +368,18 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
                     c, adj, _ = comps.get((i, bench, steps), ("no MAML row", math.nan, None))
                     mark = f" {verdict(c, adj, s.metric).split()[0]}"
                     if not isinstance(c, str):
-                        mark += f" {_diff_fmt(c, s.metric)}, p {_p_fmt(adj)}"
+                        p = _p_fmt(adj) if steps in verdict_steps(row) else "– (not a verdict step count)"
+                        mark += f" {_diff_fmt(c, s.metric)}, p {p}"
                 cells.append(f"{steps}: {_fmt(s)}{mark}")
             label = row.preset if bench == own else f"{row.preset} → {bench}"
             steps_rows.append([label, row.name, "; ".join(cells)])
     for n in na:
         main.append([n.preset, n.method, "–", "N/A (see below)", "–", "–", "–", "–", "–", str(n.seeds), "–", "–"])
     main.sort(key=lambda cells: cells[0].split(" → ")[0])  # stable: N/A rows join their benchmark's rows
-    out = [(f"Test results (final evaluation, over seeds; {len(comps)} comparisons with MAML, Holm-adjusted)",
-            head, main)]
+    family = sum(not math.isnan(adj) for _, adj, _ in comps.values())
+    title = (f"Test results (final evaluation, over seeds; a family of {family} comparisons with MAML, "
+             "Holm-adjusted)")
+    out = [(title, head, main)]
     if steps_rows:
         title = ("Test metric after each reported number of inner steps (▲/▼/n.s.: against MAML after as many, "
                  "the difference and Holm-adjusted p of the same family)")
@@ -487,7 +498,8 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>metagrad r
 RULE = ("The seed is the unit of replication. Each row: the mean of its per-seed means ± the 95% t-interval "
         "over seeds. Against MAML: the difference of the means with its 95% interval and p from the paired t-test "
         "on the per-seed mean differences over the same test tasks (seeds paired by train.seed; Welch when the "
-        "seeds differ); the p-values of every comparison in this report form one family, Holm-adjusted. ▲/▼ "
+        "seeds differ); the p-values of every comparison at a row's test step count and its training step count "
+        "form one family over the whole report, Holm-adjusted (other step counts, e.g. 0, are descriptive). ▲/▼ "
         "only where the adjusted p < 0.05, else n.s. The MAML row is the one with the method's config apart "
         "from the plug-ins when there is one (named in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else "
         "the preset's plain MAML row.")
