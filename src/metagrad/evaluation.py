@@ -29,6 +29,7 @@ from . import data, methods
 from .data import Benchmark
 from .maml import MAML
 from .models import MLP, Conv4
+from .rundir import check_records, write_atomic
 
 EVAL_FILE = "eval.json"
 
@@ -175,19 +176,14 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a fresh one") from e
-    if not isinstance(records, list):
-        raise ValueError(  # noqa: TRY004 - bad file content, reported like every other bad input
-            f"{path} must hold a list of evaluation records")
-    return records
+    return check_records(path, records)  # a list of records with typed fields, or one line naming the file
 
 
 def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Path:
     """Append records to ``eval.json``, rewriting it atomically so a kill never leaves half a file."""
     path = Path(run_dir) / EVAL_FILE
     text = json.dumps([*read_records(run_dir), *records], indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)  # temporary file removed on any failure
     return path
 
 

@@ -88,7 +88,12 @@ def read_npz(path: Path, set_name: str, size: int, resample: str) -> tuple[list[
     try:
         with np.load(path) as z:
             arr = z["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except OSError as e:
+        if e.errno:  # permission, a failing disk: not the file's fault, so not "corrupt"
+            raise
+        raise DataError(f"omniglot: cannot read {str(path)!r} ({e}): it is corrupt or truncated, copy it again "
+                        "or use the official zips") from e
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"omniglot: cannot read {str(path)!r} ({e}): it is corrupt or truncated, copy it again "
                         "or use the official zips") from e
     names = character_names(set_name)
