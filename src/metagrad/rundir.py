@@ -99,8 +99,8 @@ def check_records(path: str | os.PathLike[str], records: object) -> list[dict]:
                 continue
             v = r[key]
             if isinstance(v, bool) or not isinstance(v, types):
-                raise ValueError(f"{path}: record {n}: {key} must be {' or '.join(t.__name__ for t in types)}, "
-                                 f"got {v!r:.40}")
+                raise ValueError(  # noqa: TRY004 - as above
+                    f"{path}: record {n}: {key} must be {' or '.join(t.__name__ for t in types)}, got {v!r:.40}")
     return records
 
 
