@@ -3,14 +3,16 @@
 ::
 
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
+                   [--dry-run]
     metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
-checkpoint, missing data) exits with status 2 and one line ``metagrad: error: ...`` on stderr; ``--debug``
-shows the traceback instead.
+checkpoint, missing data) and any OS error (disk full, a directory where a run file belongs, permissions) exit
+with status 2 and one line ``metagrad: error: ...`` on stderr naming the file and the cause; ``--debug`` shows
+the traceback instead. ``train --dry-run`` builds and checks everything a run needs and writes nothing.
 
 Example:
     $ metagrad train --config sinusoid-10shot --set train.iterations=2000 --out-dir runs/sin10
