@@ -77,10 +77,13 @@ def checked_kwargs(name: str, cls: Callable[..., Plugin], kwargs: dict[str, Any]
         out[key] = coerce(value, tp, where) if tp in _CHECKED else value
         if isinstance(out[key], float) and not math.isfinite(out[key]):
             raise ConfigError(f"{where}: must be a finite number, got {out[key]}")
+        if isinstance(out[key], int) and not isinstance(out[key], bool) and abs(out[key]) > _INT_MAX:
+            raise ConfigError(f"{where}: must be at most {_INT_MAX} in size, got {out[key]}")
     return out
 
 
 _CHECKED = (bool, int, float, str)
+_INT_MAX = 2**31 - 1  # torch's sizes overflow past it
 
 
 def __getattr__(attr: str) -> Any:
