@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -38,6 +39,7 @@ from . import rundir
 FILENAME = "checkpoint.pt"
 REQUIRED = ("learner", "optimizer", "iteration", "rng", "config")
 CHECKSUM = "checksum"
+_OS_FAULTS = (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR)  # not the file's contents
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -155,7 +157,7 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> d
         # weights_only: a checkpoint is tensors and plain containers only, so loading one runs no code.
         state = torch.load(path, map_location=map_location, weights_only=True)
     except OSError as e:
-        if e.errno:  # permission, a failing disk: the file may be fine; never skip it or call it corrupt
+        if e.errno in _OS_FAULTS:  # permission, a failing disk: the file may be fine; never skip it or call it corrupt
             raise
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({_cause(e)}); "
                               "restore it from a copy or start a new run") from e

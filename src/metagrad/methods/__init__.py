@@ -72,7 +72,7 @@ def checked_kwargs(name: str, cls: Callable[..., Plugin], kwargs: dict[str, Any]
     for key, value in kwargs.items():
         where = f"plugin_args.{name}.{key}"
         if key not in params:
-            raise ConfigError(f"{where}: {name} takes no argument {key!r} (it takes: {', '.join(params)})")
+            raise ConfigError(f"plugin_args.{name}: {name} takes no argument {key!r} (it takes: {', '.join(params)})")
         tp = hints.get(key)
         out[key] = coerce(value, tp, where) if tp in _CHECKED else value
         if isinstance(out[key], float) and not math.isfinite(out[key]):
