@@ -104,13 +104,16 @@ def test_shipped_lists_equal_the_shared_ones() -> None:
 @pytest.mark.parametrize("name,layout", [("mini_imagenet", "flat"), ("mini_imagenet", "split"),
                                          ("tiered_imagenet", "grouped"), ("cub", "flat"), ("cifar_fs", "flat"),
                                          ("cifar_fs", "grouped"), ("fc100", "grouped")])
-def test_layouts_give_balanced_pure_episodes(name: str, layout: str, tmp_path: Path) -> None:
+def test_layouts_give_balanced_pure_episodes(name: str, layout: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))  # never the data folder itself
     classes = make_tree(name, tmp_path, layout)
     b = data.create(name, "test", ways=5, shots=1, queries=2, meta_batch_size=3, seed=1, root=tmp_path)
     size = 32 if name in ("cifar_fs", "fc100") else 84
     assert (b.task_type, b.x_shape, b.out_dim, b.name) == ("classification", (3, size, size), 5, name)
     assert b.class_names == [c for c, _ in classes] and b.pool.counts.eq(PER_CLASS).all()
-    assert b.cache.path.parent == tmp_path / ".metagrad-cache" and not b.cache.hit
+    assert b.cache.path.parent == tmp_path / "cache" and not b.cache.hit
+    assert not (tmp_path / ".metagrad-cache").exists()
     check_episodes(b)
     again = data.create(name, "test", ways=5, shots=1, queries=2, meta_batch_size=3, seed=1, root=tmp_path)
     assert again.cache.hit and torch.equal(again.batch(2).query_x, b.batch(2).query_x)

@@ -535,12 +535,13 @@ def test_bad_input_is_one_line_without_traceback(case, tmp_path, capsys):
         main(["--debug", *argv])  # --debug: the exception itself, with its traceback
 
 
-def test_corrupt_data_cache_is_rebuilt_with_a_warning(tmp_path):
+def test_corrupt_data_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
     _cifar_tree(tmp_path / "c")
     make = lambda: data.create("cifar_fs", "train", ways=5, shots=1, queries=1, meta_batch_size=2,
                                root=tmp_path / "c")
     first = make().batch(0)
-    (cache,) = (tmp_path / "c").rglob("*.pt")
+    (cache,) = (tmp_path / "cache").rglob("*.pt")
     cache.write_bytes(cache.read_bytes()[:100])
     with pytest.warns(UserWarning, match="ignoring unreadable cache"):
         again = make().batch(0)

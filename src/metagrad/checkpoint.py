@@ -20,9 +20,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import pickle
 import random
 import re
 import warnings
@@ -32,9 +34,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from . import rundir
+
 FILENAME = "checkpoint.pt"
 REQUIRED = ("learner", "optimizer", "iteration", "rng", "config")
 CHECKSUM = "checksum"
+_OS_FAULTS = (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR)  # not the file's contents
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -116,17 +121,8 @@ def save(run_dir: str | Path, state: dict[str, Any], keep: int = 0) -> Path:
 
 
 def write_atomic(target: Path, data: bytes) -> None:
-    """``data`` into ``target`` through a temporary file in the same folder: fsync'ed, then renamed into place."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``data`` into ``target`` through a temporary file in the same folder (see :func:`metagrad.rundir.write_atomic`)."""
+    rundir.write_atomic(target, data)
 
 
 def remove_temporaries(run_dir: str | Path) -> list[Path]:
@@ -160,9 +156,13 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> d
     try:
         # weights_only: a checkpoint is tensors and plain containers only, so loading one runs no code.
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        if e.errno in _OS_FAULTS:  # permission, a failing disk: the file may be fine; never skip it or call it corrupt
+            raise
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({_cause(e)}); "
+                              "restore it from a copy or start a new run") from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]}); "
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({_cause(e)}); "
                               "restore it from a copy or start a new run") from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
@@ -172,6 +172,15 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> d
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match its sha256 "
                               "checksum; restore it from a copy or start a new run")
     return state
+
+
+def _cause(e: Exception) -> str:
+    """torch's reason for refusing a file, in a few words. Its own hint to retry with ``weights_only=False`` (run
+    the pickle's code) is never passed on: for a damaged or foreign file that is the unsafe advice."""
+    text = " ".join(str(e).split())
+    if "weights_only" in text or "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
+        return "not a tensors-only torch file"
+    return text[:200] or type(e).__name__
 
 
 def find_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu"

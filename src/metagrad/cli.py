@@ -3,14 +3,16 @@
 ::
 
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
+                   [--dry-run]
     metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
-checkpoint, missing data) exits with status 2 and one line ``metagrad: error: ...`` on stderr; ``--debug``
-shows the traceback instead.
+checkpoint, missing data) and any OS error (disk full, a directory where a run file belongs, permissions) exit
+with status 2 and one line ``metagrad: error: ...`` on stderr naming the file and the cause; ``--debug`` shows
+the traceback instead. ``train --dry-run`` builds and checks everything a run needs and writes nothing.
 
 Example:
     $ metagrad train --config sinusoid-10shot --set train.iterations=2000 --out-dir runs/sin10
@@ -28,7 +30,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import config as C
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, candidates
+from .rundir import describe
 
 EXIT_BAD_INPUT = 2
 
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", help="run directory (default: runs/<preset>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build and check everything the run needs (config, every split, the model, the run "
+                        "directory), print the plan, write nothing")
     t.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="meta-train with N processes on this machine (runs torchrun's module; gloo on CPU, nccl "
                         "with one GPU each); several nodes: torchrun ... -m metagrad train, see docs/distributed.md")
@@ -105,9 +111,9 @@ def _train(args: argparse.Namespace) -> int:
         if not args.out_dir:
             return _fail("--resume needs --out-dir RUN_DIR (the run to continue)")
         saved = Path(args.out_dir) / "config.json"
-        if args.config is None and not saved.is_file():
+        if args.config is None and not saved.exists() and not candidates(args.out_dir):
             return _fail(f"cannot resume: {saved} does not exist")
-        base = C.load_preset(args.config) if args.config else C.to_dict(C.load(saved))
+        base = C.load_preset(args.config) if args.config else _saved_config(Path(args.out_dir))
     elif args.config is None:
         return _fail("train needs --config PRESET_OR_FILE (metagrad list presets)")
     else:
@@ -129,6 +135,8 @@ def _train(args: argparse.Namespace) -> int:
 
             _open_run(out_dir, cfg, args.resume)  # a bad run directory fails here in one line, not once per rank
             return _launch(args, out_dir)
+    if args.dry_run:
+        return _dry_run(cfg, out_dir, args.resume)
     start = time.perf_counter()
     result = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:
@@ -139,6 +147,39 @@ def _train(args: argparse.Namespace) -> int:
         print(format_table(result.records))
     else:
         print("already evaluated at this iteration: see eval.json")
+    return 0
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """The config of the run to resume: its config.json, else (missing or damaged) the one its checkpoint holds."""
+    from .checkpoint import find_latest
+    from .rundir import RunFileWarning
+
+    try:
+        return C.to_dict(C.load(run_dir / "config.json"))
+    except C.ConfigError as e:
+        try:
+            path, state, _ = find_latest(run_dir)
+            cfg = C.from_dict(state["config"])
+        except (ValueError, OSError):
+            raise e from None
+        warnings.warn(f"{e}; using the config stored in {path.name} (iteration {int(state['iteration'])}) "
+                      "instead, and writing it back to config.json", RunFileWarning, stacklevel=2)
+        return C.to_dict(cfg)
+
+
+def _dry_run(cfg: C.Config, out_dir: Path, resume: bool) -> int:
+    """Check everything a run needs, as :func:`metagrad.train.train` would before its first step; write nothing."""
+    from .evaluation import device_of
+    from .train import _open_run, build
+
+    state = _open_run(out_dir, cfg, resume)
+    s = build(cfg, device_of(cfg.train.device))
+    start = 0 if state is None else int(state["iteration"])
+    splits = ", ".join(f"{b.split} ({b.name})" for b in (s.bench, s.val_bench, s.test_bench) if b is not None)
+    params = sum(p.numel() for p in s.learner.parameters())
+    print(f"dry run: {cfg.name} checks out; would train iterations {start}..{cfg.train.iterations} into {out_dir} "
+          f"(splits: {splits}; {params} parameters); nothing written")
     return 0
 
 
@@ -179,6 +220,7 @@ def _launch(args: argparse.Namespace, out_dir: Path) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_run, format_table
+    from .train import check_scores
 
     if args.tasks is not None and args.tasks < 1:
         return _fail(f"--tasks must be >= 1, got {args.tasks}")
@@ -186,10 +228,39 @@ def _eval(args: argparse.Namespace) -> int:
         return _fail(f"--ways must be >= 2, got {args.ways}")
     if args.steps is not None and min(args.steps) < 0:
         return _fail(f"--steps must be >= 0, got {' '.join(map(str, args.steps))}")
+    _check_eval_dir(Path(args.run_dir))
     records = evaluate_run(args.run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
                            data_root=args.data_root, ways=args.ways, inner_steps=args.steps)
     print(format_table(records))
+    check_scores(records)
     return 0
+
+
+def _check_eval_dir(run_dir: Path) -> None:
+    """Before evaluating: the run directory holds a checkpoint, its files are files, and its config.json (when
+    readable) describes the checkpoint's run, so that no record is appended to another run's eval.json."""
+    from .checkpoint import find_latest
+    from .evaluation import RunError, read_records
+    from .rundir import check_files
+    from .train import FAULTS, RESUMABLE, RUN_FILES
+
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {str(run_dir)!r} does not exist")
+    check_files(run_dir, (*RUN_FILES, FAULTS))
+    read_records(run_dir)
+    if not candidates(run_dir):
+        raise RunError(f"{str(run_dir)!r} holds no checkpoint (checkpoint.pt is missing): nothing to evaluate; "
+                       "train the run first")
+    try:
+        saved = C.load(run_dir / "config.json")
+    except C.ConfigError:
+        return  # damaged or missing: the checkpoint's own config is used, as always
+    _, state, _ = find_latest(run_dir)
+    changed = [k for k in C.diff(saved, C.from_dict(state["config"])) if k not in RESUMABLE
+               and not k.startswith("eval.")]
+    if changed:
+        raise RunError(f"{run_dir / 'config.json'} does not describe the run in its checkpoint ({', '.join(changed[:5])} "
+                       "differ): the checkpoint belongs to another run; evaluate it from its own directory")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -223,9 +294,12 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import find_runs, write_report
 
     command = " ".join(["metagrad", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] else None
+    if not find_runs(args.runs):
+        return _fail(f"no run directories (folders holding config.json) in {', '.join(args.runs)}: nothing to "
+                     "report")
     path = write_report(args.runs, args.out, compute=not args.no_compute, command=command)
     print(f"report: {path}")
     return 0
@@ -255,11 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metagrad: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, CheckpointError) as e:
         # ConfigError, RunError, DataError and CheckpointError are ValueErrors with one-line messages.
         if debug:
             raise
         return _fail(str(e) or type(e).__name__)
+    except OSError as e:  # disk full, a directory where a file belongs, permissions: the file and the cause
+        if debug:
+            raise
+        return _fail(describe(e))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,9 +136,11 @@ _CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max",
             "eval.split": ("train", "val", "test")}
 _AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
                "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "eval.queries",
-               "train.max_bad_steps")
+               "train.max_bad_steps", "benchmark.image_size", "model.width", "train.threads", "eval.meta_batch_size")
 _AT_LEAST_0 = ("maml.eval_inner_steps", "maml.msl_iterations", "maml.first_order_iterations", "train.val_every",
-               "train.checkpoint_every", "train.keep_checkpoints")
+               "train.checkpoint_every", "train.keep_checkpoints", "train.seed", "eval.seed")
+_POSITIVE = ("maml.inner_lr", "train.meta_lr", "train.grad_clip", "train.time_budget_min")  # finite and > 0
+_INT_MAX = 2**31 - 1  # counts beyond this are typos; torch's sizes and seeds overflow past them
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -165,6 +166,8 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    if not raw:  # an empty file would silently run the defaults (60,000 iterations)
+        raise ConfigError(f"{path}: the config file is empty; give it settings or 'extends = \"PRESET\"'")
     raw.setdefault("name", path.stem)
     parent = raw.pop("extends", None)
     if parent is None:
@@ -173,7 +176,13 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
         raise ConfigError(f"{path}: 'extends' must be a preset name or path, got {parent!r}")
     if parent.endswith(".toml") and not Path(parent).is_absolute():
         parent = str(path.parent / parent)
-    return _merge(load_preset(parent, (*_seen, key)), raw)
+    try:
+        base = load_preset(parent, (*_seen, key))
+    except ConfigError as e:
+        if str(e).startswith(("unknown preset", "config file")):  # the missing parent itself: say who names it
+            raise ConfigError(f"{path}: extends {parent!r}: {e}") from e
+        raise
+    return _merge(base, raw)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -341,17 +350,17 @@ def validate(cfg: Config) -> None:
     for keys, low in ((_AT_LEAST_1, 1), (_AT_LEAST_0, 0)):
         for key in keys:
             v = _get(cfg, key)
-            if v is not None and v < low:
-                raise ConfigError(f"{key}: must be >= {low}, got {v}")
-    for key in ("maml.inner_lr", "train.meta_lr", "train.grad_clip", "train.time_budget_min"):
+            if v is not None and not low <= v <= _INT_MAX:
+                raise ConfigError(f"{key}: must be >= {low}{'' if v < low else f' and <= {_INT_MAX}'}, got {v}")
+    for key in _POSITIVE:
         v = _get(cfg, key)
         if v is not None and not (0 < v < math.inf):  # also refuses nan and inf
             raise ConfigError(f"{key}: must be > 0 and finite, got {v}")
-    if not 0 <= cfg.train.meta_lr_step_at <= 1:
-        raise ConfigError(f"train.meta_lr_step_at: a fraction of train.iterations in [0, 1], "
-                          f"got {cfg.train.meta_lr_step_at}")
-    if cfg.eval.inner_steps is not None and (not cfg.eval.inner_steps or min(cfg.eval.inner_steps) < 0):
-        raise ConfigError(f"eval.inner_steps: expected non-negative step counts, got {cfg.eval.inner_steps}")
+    _validate_fractions(cfg)
+    for key in ("eval.inner_steps", "model.hidden"):
+        v, low = _get(cfg, key), 0 if key == "eval.inner_steps" else 1
+        if v is not None and (not v or not all(low <= n <= _INT_MAX for n in v)):
+            raise ConfigError(f"{key}: expected a non-empty list of counts >= {low}, got {v}")
     if len(set(cfg.plugins)) != len(cfg.plugins):
         raise ConfigError(f"plugins: {cfg.plugins} names a plug-in twice")
     for name, kwargs in cfg.plugin_args.items():
@@ -360,6 +369,18 @@ def validate(cfg: Config) -> None:
                               f"with --set plugins={','.join([*cfg.plugins, name])}")
         if not isinstance(kwargs, dict):
             raise ConfigError(f"plugin_args.{name}: expected a table of key=value, got {kwargs!r}")
+
+
+def _validate_fractions(cfg: Config) -> None:
+    """The float fields that are not step sizes: the schedule's floor, its drop point, the dropout rate."""
+    t = cfg.train
+    if not 0 <= t.meta_lr_min < math.inf:  # a negative floor is gradient ascent; nan poisons every step
+        raise ConfigError(f"train.meta_lr_min: must be >= 0 and finite (the schedule's last step size), "
+                          f"got {t.meta_lr_min}")
+    if not 0 <= t.meta_lr_step_at <= 1:
+        raise ConfigError(f"train.meta_lr_step_at: a fraction of train.iterations in [0, 1], got {t.meta_lr_step_at}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout: a probability in [0, 1), got {cfg.model.dropout}")
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -373,10 +394,9 @@ def save(cfg: Config, path: str | Path) -> None:
 
     Written to a temporary file and renamed into place: a kill mid-write never leaves half a config.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
+    from .rundir import write_atomic
+
+    write_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def load(path: str | Path) -> Config:

@@ -34,6 +34,7 @@ from . import data, methods
 from .data import Benchmark
 from .maml import MAML
 from .models import MLP, Conv4
+from .rundir import check_records, write_atomic
 
 EVAL_FILE = "eval.json"
 SCORES_FILE = "scores.json"
@@ -202,10 +203,7 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a fresh one") from e
-    if not isinstance(records, list):
-        raise ValueError(  # noqa: TRY004 - bad file content, reported like every other bad input
-            f"{path} must hold a list of evaluation records")
-    return records
+    return check_records(path, records)  # a list of records with typed fields, or one line naming the file
 
 
 def scores_key(record: dict[str, Any]) -> str:
@@ -235,15 +233,6 @@ def record_scores(run_dir: str | Path, record: dict[str, Any]) -> list[float] | 
     return read_scores(run_dir).get(key) if key else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Path:
     """Append records to ``eval.json`` and their per-task scores to ``scores.json``, each rewritten atomically
     (scores first, so a record never names scores that were not written)."""
@@ -256,9 +245,9 @@ def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Pa
             r["scores_key"] = scores_key(r)
             scores[r["scores_key"]] = values
         kept.append(r)
-    _write_atomic(run_dir / SCORES_FILE, json.dumps(scores, separators=(",", ":")) + "\n")
+    write_atomic(run_dir / SCORES_FILE, json.dumps(scores, separators=(",", ":")) + "\n")
     path = run_dir / EVAL_FILE
-    _write_atomic(path, json.dumps([*read_records(run_dir), *kept], indent=2) + "\n")
+    write_atomic(path, json.dumps([*read_records(run_dir), *kept], indent=2) + "\n")
     return path
 
 

@@ -50,6 +50,7 @@ from .evaluation import (
     read_records,
 )
 from .maml import MAML
+from .rundir import RunFileWarning, check_files, naming, write_atomic
 
 RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json", SCORES_FILE)
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
@@ -157,22 +158,32 @@ def flatten_diagnostics(diag: dict[str, Any], prefix: str = "") -> dict[str, Any
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Keep the metrics lines up to ``iteration`` (drops lines logged after the checkpoint, and a torn last line)."""
-    if not path.is_file():
+    """Keep the metrics lines up to ``iteration``: lines logged after the checkpoint are dropped (they are logged
+    again), and so is a torn last line (a kill mid-write). Any other damaged line is set aside in
+    ``<name>.damaged`` with a :class:`RunFileWarning`: its values cannot be logged again, but are not lost silently.
+    """
+    if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
+    with naming(path):
+        text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    keep, damaged = [], []
+    for n, line in enumerate(lines, 1):
         try:
             if json.loads(line)["iteration"] <= iteration:
                 keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("".join(f"{line}\n" for line in keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            if n < len(lines) or text.endswith("\n"):  # not a torn last write: damage
+                damaged.append((n, line))
+    if damaged:
+        aside = path.with_name(f"{path.name}.damaged")
+        old = aside.read_text() if aside.is_file() else ""
+        write_atomic(aside, old + "".join(f"{line}\n" for _, line in damaged))
+        where = ", ".join(str(n) for n, _ in damaged[:10]) + (" …" if len(damaged) > 10 else "")
+        warnings.warn(f"{path.name} line {where} {'is' if len(damaged) == 1 else 'are'} damaged (not a metrics "
+                      f"record): set aside in {aside.name}; those iterations' logged values are lost, the training "
+                      "itself is not", RunFileWarning, stacklevel=2)
+    write_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -188,6 +199,7 @@ class _Session:
     start: int = 0            # iterations already done (resume)
     wall: float = 0.0         # seconds of training in earlier sessions
     info: dict[str, Any] = field(default_factory=dict)
+    test_bench: Benchmark | None = None                  # the final evaluation's split, built before the first step
     dctx: D.Context = field(default_factory=D.Context)   # rank and world size (1: a single process)
     group_size: int | None = None                        # tasks a plug-in relates: shards keep them together
     precision: str = "fp32"
@@ -223,7 +235,8 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
         done = _loop(cfg, run_dir, s, device, progress, callback)
         if not dctx.is_main:
             return RunResult(run_dir, done, rank=dctx.rank)
-        return _finish(cfg, run_dir, s.learner, done, device, plot)
+        assert s.test_bench is not None
+        return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot)
     finally:
         D.teardown(dctx)
         torch.set_num_threads(threads)
@@ -242,20 +255,7 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
     state, error = D.broadcast((state, error), dctx)
     if error is not None:
         raise error
-    seed_everything(cfg.train.seed)
-    t = cfg.train
-    bench = make_benchmark(cfg, "train", t.seed, t.meta_batch_size)
-    val_bench = make_benchmark(cfg, "val", cfg.eval.seed, cfg.eval.meta_batch_size or t.meta_batch_size) \
-        if t.val_every else None
-    learner = make_learner(cfg, bench).to(device)
-    s = _Session(bench, val_bench, learner, torch.optim.Adam(learner.parameters(), lr=t.meta_lr), Meter(),
-                 info={"benchmark": bench.name, "x_shape": list(bench.x_shape), "out_dim": bench.out_dim,
-                       "task_type": bench.task_type, "world_size": dctx.world},
-                 dctx=dctx, group_size=D.group_size_of(learner), precision=t.precision)
-    if dctx.active and dctx.is_main:
-        D.warn_idle(t.meta_batch_size, dctx.world, s.group_size)
-    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise C.ConfigError("train.precision=bf16 needs a GPU with bfloat16 support (Ampere or newer): use fp32")
+    s = build(cfg, device, dctx)
     # Everything is built and checked: only now touch the disk (rank 0 only).
     if state is None:
         if dctx.is_main:
@@ -265,7 +265,7 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
                 _truncate_metrics(run_dir / "metrics.jsonl", 0)
                 _truncate_metrics(run_dir / FAULTS, 0)
     else:
-        learner.load_state_dict(state["learner"])
+        s.learner.load_state_dict(state["learner"])
         s.opt.load_state_dict(state["optimizer"])
         s.meter.load_state_dict(state["meter"], device)
         s.start, s.wall = int(state["iteration"]), float(state.get("wall", 0.0))
@@ -276,9 +276,35 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
             _repair_checkpoints(run_dir, state.pop("_fallback", None))
             _truncate_metrics(run_dir / "metrics.jsonl", s.start)
             _truncate_metrics(run_dir / FAULTS, s.start)
-    D.broadcast_module(learner, dctx)
+    D.broadcast_module(s.learner, dctx)
     if dctx.is_main:
         C.save(cfg, run_dir / "config.json")
+    return s
+
+
+def build(cfg: C.Config, device: torch.device, dctx: D.Context | None = None) -> _Session:
+    """Every object a run uses, built and checked before the run directory is touched: the training split, the
+    validation split (when ``train.val_every``), the final evaluation's split, the learner and its optimiser.
+    A setting that one split cannot serve (e.g. ``eval.queries`` too many for a class) fails here, not after
+    training. ``metagrad train --dry-run`` stops after this."""
+    dctx = dctx or D.Context()
+    t, e = cfg.train, cfg.eval
+    seed_everything(t.seed)
+    eval_batch = e.meta_batch_size or t.meta_batch_size
+    bench = make_benchmark(cfg, "train", t.seed, t.meta_batch_size)
+    val_bench = make_benchmark(cfg, "val", e.seed, eval_batch) if t.val_every else None
+    learner = make_learner(cfg, bench).to(device)
+    rng = ckpt.rng_state()  # built out of the old order: it must not move the initialisation or the trajectory
+    test_bench = make_benchmark(cfg, e.split, e.seed, eval_batch)
+    ckpt.set_rng_state(rng)
+    s = _Session(bench, val_bench, learner, torch.optim.Adam(learner.parameters(), lr=t.meta_lr), Meter(),
+                 info={"benchmark": bench.name, "x_shape": list(bench.x_shape), "out_dim": bench.out_dim,
+                       "task_type": bench.task_type, "world_size": dctx.world},
+                 test_bench=test_bench, dctx=dctx, group_size=D.group_size_of(learner), precision=t.precision)
+    if dctx.active and dctx.is_main:
+        D.warn_idle(t.meta_batch_size, dctx.world, s.group_size)
+    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise C.ConfigError("train.precision=bf16 needs a GPU with bfloat16 support (Ampere or newer): use fp32")
     return s
 
 
@@ -321,7 +347,7 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    fault = _check_finite(s, values, grad_norm, part, out)
+    fault = _check_finite(s, values, grad_norm, part, out, s.opt.param_groups[0]["lr"])
     if fault is not None:
         s.opt.zero_grad(set_to_none=True)  # the step is skipped: no update, the optimiser state untouched
         return fault
@@ -330,8 +356,12 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
 
 
 def _check_finite(s: _Session, values: dict[str, Any], grad_norm: torch.Tensor, part: Any,
-                  out: Any) -> Fault | None:
-    """None when the loss and the gradient norm are finite (one host sync); else what went bad, and where."""
+                  out: Any, lr: float) -> Fault | None:
+    """None when the loss and the gradient norm are finite (one host sync) and the step size ``lr`` about to be
+    applied is finite and > 0; else what went bad, and where."""
+    if not 0 < lr < math.inf:  # the schedule's value: nan or a negative step would poison or ascend
+        ids = list(part.task_ids) if part.task_ids is not None else list(range(len(part)))
+        return Fault(["meta_lr"], [int(i) for i in ids])
     checks = [v.detach().float().reshape(()) for v in (values["loss"], grad_norm) if isinstance(v, torch.Tensor)]
     if not checks or bool(torch.isfinite(torch.stack(checks)).all()):
         return None
@@ -405,8 +435,9 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                 if val_bench is not None:
                     rec.update(_validate(cfg, s.learner, val_bench, device))
                 assert log is not None
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                with naming(run_dir / "metrics.jsonl"):
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 s.meter.reset()
                 window_t, window_it = time.perf_counter(), done
                 bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", tasks_s=f"{rec['tasks_per_s']:.0f}")
@@ -414,8 +445,9 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                     callback(done, rec)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.iterations or out_of_time:
                 assert log is not None
-                log.flush()
-                os.fsync(log.fileno())  # every line up to the checkpoint survives a power cut
+                with naming(run_dir / "metrics.jsonl"):
+                    log.flush()
+                    os.fsync(log.fileno())  # every line up to the checkpoint survives a power cut
                 _check_state_finite(s, done)
                 ckpt.save(run_dir, {"learner": s.learner.state_dict(), "optimizer": s.opt.state_dict(),
                                     "iteration": done, "rng": ckpt.rng_state(), "config": C.to_dict(cfg),
@@ -436,7 +468,7 @@ def _bad_step(cfg: C.Config, run_dir: Path, s: _Session, it: int, fault: Fault) 
     what = f"{', '.join(fault.tensors[:6])}{' …' if len(fault.tensors) > 6 else ''}"
     tasks = f"{fault.task_ids[:10]}{' …' if len(fault.task_ids) > 10 else ''}"
     if s.dctx.is_main:
-        with open(run_dir / FAULTS, "a") as f:
+        with naming(run_dir / FAULTS), open(run_dir / FAULTS, "a") as f:
             f.write(json.dumps({"iteration": it + 1, "batch": it, "event": "non_finite", "tensors": fault.tensors,
                                 "task_ids": fault.task_ids, "in_a_row": s.bad_in_row, "action": "skipped"}) + "\n")
         warnings.warn(f"iteration {it + 1}: non-finite {what} on tasks {tasks}; meta-update skipped "
@@ -444,9 +476,12 @@ def _bad_step(cfg: C.Config, run_dir: Path, s: _Session, it: int, fault: Fault) 
     if s.bad_in_row >= limit:
         kept = (f"the last good checkpoint (iteration {s.saved}) is kept" if s.saved is not None
                 else "no checkpoint was written")
+        advice = ("the meta step size was not finite and > 0: check train.meta_lr, train.meta_lr_schedule and "
+                  "train.meta_lr_min" if fault.tensors == ["meta_lr"] else
+                  "lower train.meta_lr or maml.inner_lr, or set train.grad_clip")
         raise NumericalError(f"training stopped at iteration {it + 1}: {limit} meta-updates in a row had a "
-                             f"non-finite loss or gradient (last: {what} on tasks {tasks}; see {FAULTS}); {kept}: "
-                             "lower train.meta_lr or maml.inner_lr, or set train.grad_clip, and start a new run")
+                             f"non-finite loss, gradient or step size (last: {what} on tasks {tasks}; see {FAULTS}); "
+                             f"{kept}: {advice}, and start a new run")
 
 
 def _check_state_finite(s: _Session, done: int) -> None:
@@ -481,6 +516,8 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
         return None
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
+    check_files(run_dir, (*RUN_FILES, FAULTS))  # a directory or an unreadable file fails now, not mid-run
+    read_records(run_dir)                       # a malformed eval.json too
     if not ckpt.candidates(run_dir) and not (run_dir / "eval.json").exists():
         # Stopped before its first checkpoint: nothing was kept for good, so the run starts over (same trajectory).
         warnings.warn(f"{str(run_dir)!r} holds no checkpoint yet (stopped before the first one): starting it "
@@ -505,11 +542,23 @@ def _validate(cfg: C.Config, learner: MAML, bench: Benchmark, device: torch.devi
     return {f"val_{'accuracy' if bench.task_type == 'classification' else 'mse'}": values.mean().item()}
 
 
-def _finish(cfg: C.Config, run_dir: Path, learner: MAML, done: int, device: torch.device,
+def check_scores(records: list[dict[str, Any]]) -> None:
+    """Refuse to call an evaluation a success when a mean or interval is not finite."""
+    bad = [r for r in records if not all(math.isfinite(float(r[k])) for k in ("mean", "ci95"))]
+    if bad:
+        what = ", ".join(f"{r['metric']} after {r['inner_steps']} steps = {r['mean']} ± {r['ci95']}" for r in bad)
+        raise NumericalError(f"the evaluation is not finite ({what}; kept in eval.json): the adapted model diverges, "
+                             "lower maml.inner_lr or train.meta_lr")
+
+
+def _finish(cfg: C.Config, run_dir: Path, learner: MAML, test: Benchmark, done: int, device: torch.device,
             plot: bool) -> RunResult:
-    """Final evaluation on ``cfg.eval`` (skipped if this iteration was already evaluated) and the plot."""
+    """Final evaluation on ``cfg.eval`` (skipped if this iteration was already evaluated) and the plot.
+
+    Raises:
+        NumericalError: a score is not finite (the records are kept in eval.json all the same).
+    """
     e = cfg.eval
-    test = make_benchmark(cfg, e.split, e.seed, e.meta_batch_size or cfg.train.meta_batch_size)
     result = RunResult(run_dir, done)
     seen = any(r.get("iteration") == done and r.get("split") == e.split and r.get("benchmark") == test.name
                for r in read_records(run_dir))
@@ -517,6 +566,7 @@ def _finish(cfg: C.Config, run_dir: Path, learner: MAML, done: int, device: torc
         result.records = evaluate(learner, test, e.tasks, cfg.eval_steps(test.task_type), device,
                                   benchmark=test.name, iteration=done)
         append_records(run_dir, result.records)
+        check_scores(result.records)
     if not plot:
         return result
     from .plots import plot_run  # matplotlib is imported only when a plot is made

@@ -1,7 +1,8 @@
 """The decoded-image cache: one ``torch.save`` file per (data, settings), found again by a content key.
 
-A benchmark decodes its images once into compact ``uint8`` tensors; :func:`cached` stores them next to the data
-when that folder is writable, else in ``$METAGRAD_CACHE`` (default ``~/.cache/metagrad``), written atomically and
+A benchmark decodes its images once into compact ``uint8`` tensors; :func:`cached` stores them in
+``$METAGRAD_CACHE`` (default ``~/.cache/metagrad``), never in the data folder (a cache shipped beside the data in
+``<root>/.metagrad-cache`` is read, not written: a data folder is input, not scratch space), written atomically and
 named by a hash of the source files' names, sizes and mtimes plus the decoding settings. Later starts load the file
 memory-mapped in milliseconds.
 """
@@ -91,7 +92,7 @@ def cached(prefix: str, key: Any, build: Callable[[], dict[str, Any]], root: Pat
                 warnings.warn(f"ignoring unreadable cache {d / fname}: {e}", stacklevel=2)
     data = build()
     for d in dirs:
-        if not _writable(d):
+        if (root is not None and cache_dir is None and d == root / ".metagrad-cache") or not _writable(d):
             continue
         tmp = d / f".{fname}.{os.getpid()}.tmp"
         try:

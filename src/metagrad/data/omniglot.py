@@ -11,6 +11,7 @@ as ``uint8 [1623, 20, H, W]`` in a cache; episodes turn it into float32 in [0, 1
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -88,7 +89,12 @@ def read_npz(path: Path, set_name: str, size: int, resample: str) -> tuple[list[
     try:
         with np.load(path) as z:
             arr = z["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EIO):  # not the file's fault, so not "corrupt"
+            raise
+        raise DataError(f"omniglot: cannot read {str(path)!r} ({e}): it is corrupt or truncated, copy it again "
+                        "or use the official zips") from e
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"omniglot: cannot read {str(path)!r} ({e}): it is corrupt or truncated, copy it again "
                         "or use the official zips") from e
     names = character_names(set_name)

@@ -6,7 +6,10 @@ Each method lives in one file of this package and registers itself with :func:`r
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import pkgutil
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +48,42 @@ def create(name: str, **kwargs: Any) -> Plugin:
     _load_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown plug-in {name!r}: choose one of {', '.join(sorted(_REGISTRY)) or '(none)'}")
-    return _REGISTRY[name](**kwargs)
+    cls = _REGISTRY[name]
+    kwargs = checked_kwargs(name, cls, kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the plug-in's own range checks: say which config table they came from
+        raise ValueError(f"plugin_args.{name}: {e}") from e
+
+
+def checked_kwargs(name: str, cls: Callable[..., Plugin], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` converted to the types of ``cls``'s annotated keyword arguments, every float finite.
+
+    Raises:
+        ConfigError: an unknown argument, a value of the wrong type, or a float that is nan or infinite.
+    """
+    from ..config import ConfigError, coerce
+
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+    out = {}
+    for key, value in kwargs.items():
+        where = f"plugin_args.{name}.{key}"
+        if key not in params:
+            raise ConfigError(f"plugin_args.{name}: {name} takes no argument {key!r} (it takes: {', '.join(params)})")
+        tp = hints.get(key)
+        out[key] = coerce(value, tp, where) if tp in _CHECKED else value
+        if isinstance(out[key], float) and not math.isfinite(out[key]):
+            raise ConfigError(f"{where}: must be a finite number, got {out[key]}")
+        if isinstance(out[key], int) and not isinstance(out[key], bool) and abs(out[key]) > _INT_MAX:
+            raise ConfigError(f"{where}: must be at most {_INT_MAX} in size, got {out[key]}")
+    return out
+
+
+_CHECKED = (bool, int, float, str)
+_INT_MAX = 2**31 - 1  # torch's sizes overflow past it
 
 
 def __getattr__(attr: str) -> Any:
