@@ -84,9 +84,16 @@ RESUME = "cml"   # resumed with 2 ranks from 1, and with 1 from 2
 # cancels its path), and Adam divides by their size: any change of summation order, e.g. two half-batches,
 # moves it by 1e-6..2e-5 after 3 steps (seen up to 1.3e-5 on a loaded machine). These cases are also run in
 # float64, where the 1e-6 check on every parameter is meaningful.
-FP64 = ("maml", "cxgrad", "cxgrad+trlearner+cml")
+FP64 = ("maml", "cxgrad", "trlearner", "cxgrad+trlearner+cml")
 NOISY = "generator."   # parameters held to FP32_NOISY_ATOL in the float32 runs
 FP32_NOISY_ATOL = 1e-4
+# TRLearner alone in float32: its relation term gives some conv-weight entries a gradient that is float32 noise
+# around zero, and Adam's first steps move such an entry by ±meta_lr whatever its size, so the two summation
+# orders of one process and two ranks part by up to 2·meta_lr after 3 steps (1.7e-3 measured on this machine's
+# BLAS, 0 on another); its float32 gradient already differs by 4e-5 relative at the first step (the term is a
+# difference of near-equal model outputs). In float64 the two runs agree to 4e-16 (test below): the float32 run
+# checks the first step's loss, and its gradient norm to 1e-3.
+FP32_AMPLIFIED = ("trlearner",)
 
 
 def config(case: str, *extra: str) -> C.Config:
@@ -156,14 +163,17 @@ def test_two_gloo_ranks_equal_one_process(runs, case):
     single, two = runs / case / "single", runs / case / "dist"
     assert ckpt.load_latest(two)["iteration"] == 3
     assert ckpt.load_latest(two)["info"]["world_size"] == 2
-    assert max_diff(single, two, skip=NOISY) <= ATOL
-    assert max_diff(single, two) <= FP32_NOISY_ATOL
+    if case not in FP32_AMPLIFIED:
+        assert max_diff(single, two, skip=NOISY) <= ATOL
+        assert max_diff(single, two) <= FP32_NOISY_ATOL
     # Rank 0 logged the whole batch's loss, not its share's.
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, two)]
     assert [r["iteration"] for r in rows[1]] == [1, 2, 3]
-    for a, b in zip(*rows):
+    pairs = list(zip(*rows))
+    amplified = case in FP32_AMPLIFIED
+    for a, b in pairs[:1] if amplified else pairs:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3 if amplified else 1e-5, abs=1e-6)
     # Only rank 0 wrote: exactly the single-process files, no stray temporaries.
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.iterdir())
 
