@@ -276,3 +276,28 @@ def test_image_cache_is_not_written_into_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
     b = data.create("cifar_fs", "train", ways=5, shots=1, queries=1, meta_batch_size=2, root=root)
     assert not (root / ".metagrad-cache").exists() and b.cache.path.parent == tmp_path / "cache"
+
+
+def test_image_cache_is_keyed_by_the_archives_contents(tmp_path, monkeypatch):
+    """An archive replaced by another of the same name, size and time never meets the old archive's cache."""
+    import os
+
+    import numpy as np
+
+    from metagrad.data.cache import cached, fingerprint
+
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "images.npz"
+    np.savez(archive, x=np.zeros(64, dtype=np.uint8))
+    st = archive.stat()
+
+    def load(value):
+        return cached("t", fingerprint([archive]), lambda: {"x": torch.full((2,), value)}, tmp_path)
+
+    first = load(1)
+    assert not first.hit and load(2).hit and load(2).data["x"][0] == 1
+    np.savez(archive, x=np.ones(64, dtype=np.uint8))                # same name and size, other bytes
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))          # and the same time
+    assert archive.stat().st_size == st.st_size and archive.stat().st_mtime_ns == st.st_mtime_ns
+    again = load(3)
+    assert not again.hit and again.data["x"][0] == 3

@@ -3,8 +3,8 @@
 A benchmark decodes its images once into compact ``uint8`` tensors; :func:`cached` stores them in
 ``$METAGRAD_CACHE`` (default ``~/.cache/metagrad``), never in the data folder (a cache shipped beside the data in
 ``<root>/.metagrad-cache`` is read, not written: a data folder is input, not scratch space), written atomically and
-named by a hash of the source files' names, sizes and mtimes plus the decoding settings. Later starts load the file
-memory-mapped in milliseconds.
+named by a hash of the source files' contents (archives) or folders' names, entry counts and mtimes (extracted
+images), plus the decoding settings. Later starts load the file memory-mapped in milliseconds.
 """
 
 from __future__ import annotations
@@ -25,13 +25,32 @@ import torch
 CACHE_VERSION = 1
 
 
+# (path, inode, size, mtime, ctime) → content digest, once per process: ctime changes with every write and, unlike
+# mtime, cannot be set back.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes (Omniglot's two archives: about 6 MB, tens of milliseconds), memoised per process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def fingerprint(paths: Sequence[Path]) -> list[list[Any]]:
-    """A cache key part that changes with the data: name, size and mtime of each file.
+    """A cache key part that changes with the data: each file's name and content digest.
 
     A folder is summarised per directory (relative name, number of entries, mtime) rather than per file: adding,
     removing or renaming a file changes its directory's mtime, and statting 1,700 directories instead of 32,000
-    files keeps a cached start of an extracted Omniglot well under a second. Editing an image in place is not
-    seen: delete the cache file after doing that.
+    files keeps a cached start of an extracted Omniglot well under a second. Editing an image of an extracted
+    folder in place is not seen: delete the cache file after doing that. Archives are read whole, so a changed
+    archive never meets a cache of its old contents, whatever its name, size and time.
     """
     out: list[list[Any]] = []
     for p in paths:
@@ -40,8 +59,7 @@ def fingerprint(paths: Sequence[Path]) -> list[list[Any]]:
                 st = os.stat(dirpath)
                 out.append([os.path.relpath(dirpath, p), len(dirs) + len(files), st.st_mtime_ns])
         else:
-            st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
+            out.append([p.name, file_digest(p)])
     return sorted(out)
 
 
