@@ -26,7 +26,6 @@ import io
 import os
 import pickle
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -36,11 +35,10 @@ import torch
 
 from . import rundir
 
-FILENAME = "checkpoint.pt"
+FILENAME = rundir.CHECKPOINT
 REQUIRED = ("learner", "optimizer", "iteration", "rng", "config")
 CHECKSUM = "checksum"
 _OS_FAULTS = (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR)  # not the file's contents
-_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -58,7 +56,7 @@ def path_of(run_dir: str | Path) -> Path:
 
 def numbered_path(run_dir: str | Path, iteration: int) -> Path:
     """Where the kept copy of the checkpoint at ``iteration`` lives."""
-    return Path(run_dir) / f"checkpoint-{int(iteration):08d}.pt"
+    return Path(run_dir) / rundir.numbered_checkpoint(iteration)
 
 
 def numbered(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -66,7 +64,8 @@ def numbered(run_dir: str | Path) -> list[tuple[int, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NUMBERED.match(p.name)) and p.is_file()]
+    found = [(it, p) for p in run_dir.iterdir() if (it := rundir.checkpoint_iteration(p.name)) is not None
+             and p.is_file()]
     return sorted(found, reverse=True)
 
 
@@ -126,12 +125,8 @@ def write_atomic(target: Path, data: bytes) -> None:
 
 
 def remove_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the ``.<name>.tmp-<pid>`` files a killed process left behind in ``run_dir``; returns them."""
-    run_dir = Path(run_dir)
-    stale = [p for p in run_dir.glob(".*.tmp-*") if p.is_file()] if run_dir.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """Delete the temporary files killed processes left behind in ``run_dir`` (:func:`metagrad.rundir.remove_temporaries`)."""
+    return rundir.remove_temporaries(run_dir)
 
 
 def _fsync_dir(path: Path) -> None:

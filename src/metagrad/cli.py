@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import config as C
+from . import rundir as R
 from .checkpoint import CheckpointError, candidates
 from .rundir import describe
 
@@ -110,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out_dir:
             return _fail("--resume needs --out-dir RUN_DIR (the run to continue)")
-        saved = Path(args.out_dir) / "config.json"
+        saved = Path(args.out_dir) / R.CONFIG
         if args.config is None and not saved.exists() and not candidates(args.out_dir):
             return _fail(f"cannot resume: {saved} does not exist")
         base = C.load_preset(args.config) if args.config else _saved_config(Path(args.out_dir))
@@ -153,10 +154,9 @@ def _train(args: argparse.Namespace) -> int:
 def _saved_config(run_dir: Path) -> dict:
     """The config of the run to resume: its config.json, else (missing or damaged) the one its checkpoint holds."""
     from .checkpoint import find_latest
-    from .rundir import RunFileWarning
 
     try:
-        return C.to_dict(C.load(run_dir / "config.json"))
+        return C.to_dict(R.read_config(run_dir))
     except C.ConfigError as e:
         try:
             path, state, _ = find_latest(run_dir)
@@ -164,7 +164,7 @@ def _saved_config(run_dir: Path) -> dict:
         except (ValueError, OSError):
             raise e from None
         warnings.warn(f"{e}; using the config stored in {path.name} (iteration {int(state['iteration'])}) "
-                      "instead, and writing it back to config.json", RunFileWarning, stacklevel=2)
+                      "instead, and writing it back to config.json", R.RunFileWarning, stacklevel=2)
         return C.to_dict(cfg)
 
 
@@ -240,26 +240,25 @@ def _check_eval_dir(run_dir: Path) -> None:
     """Before evaluating: the run directory holds a checkpoint, its files are files, and its config.json (when
     readable) describes the checkpoint's run, so that no record is appended to another run's eval.json."""
     from .checkpoint import find_latest
-    from .evaluation import RunError, read_records
-    from .rundir import check_files
-    from .train import FAULTS, RESUMABLE, RUN_FILES
+    from .evaluation import RunError
+    from .train import RESUMABLE
 
     if not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} does not exist")
-    check_files(run_dir, (*RUN_FILES, FAULTS))
-    read_records(run_dir)
+    R.check_files(run_dir, (*R.RUN_FILES, R.FAULTS))
+    R.read_records(run_dir)
     if not candidates(run_dir):
         raise RunError(f"{str(run_dir)!r} holds no checkpoint (checkpoint.pt is missing): nothing to evaluate; "
                        "train the run first")
     try:
-        saved = C.load(run_dir / "config.json")
+        saved = R.read_config(run_dir)
     except C.ConfigError:
         return  # damaged or missing: the checkpoint's own config is used, as always
     _, state, _ = find_latest(run_dir)
     changed = [k for k in C.diff(saved, C.from_dict(state["config"])) if k not in RESUMABLE
                and not k.startswith("eval.")]
     if changed:
-        raise RunError(f"{run_dir / 'config.json'} does not describe the run in its checkpoint ({', '.join(changed[:5])} "
+        raise RunError(f"{run_dir / R.CONFIG} does not describe the run in its checkpoint ({', '.join(changed[:5])} "
                        "differ): the checkpoint belongs to another run; evaluate it from its own directory")
 
 

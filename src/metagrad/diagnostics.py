@@ -18,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +25,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as C
+from . import rundir
 from .evaluation import device_of, make_benchmark, make_learner
+from .rundir import DIAGNOSTICS as DIAG_FILE
+from .rundir import read_diagnostics
 
-DIAG_FILE = "diagnostics.json"
 FIT_TASKS = 4
-
-
-def read_diagnostics(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ``diagnostics.json``, or None when it is missing or unreadable."""
-    path = Path(run_dir) / DIAG_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
 
     ``tasks``: the first test tasks used, at most the run's ``eval.tasks``.
     """
-    run_dir = Path(run_dir)
+    run_dir = rundir.open_run(run_dir)
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
     device = device_of(cfg.train.device)
@@ -86,10 +77,7 @@ def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
             diag["fits"] = _fits(learner, bench, sorted(set(steps) | {0}), device)
     finally:
         torch.set_num_threads(threads)
-    path = run_dir / DIAG_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(diag) + "\n")
-    os.replace(tmp, path)
+    rundir.write_diagnostics(run_dir, diag)
     return diag
 
 

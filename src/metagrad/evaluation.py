@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -34,10 +33,11 @@ from . import data, methods
 from .data import Benchmark
 from .maml import MAML
 from .models import MLP, Conv4
-from .rundir import check_records, write_atomic
+from .rundir import EVAL as EVAL_FILE
+from .rundir import SCORES as SCORES_FILE
+from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key
 
-EVAL_FILE = "eval.json"
-SCORES_FILE = "scores.json"
+# The records' readers and writers live in metagrad.rundir; they are re-exported here, where they were first.
 
 
 class RunError(ValueError):
@@ -194,63 +194,6 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``eval.json`` (empty when there is none)."""
-    path = Path(run_dir) / EVAL_FILE
-    if not path.is_file():
-        return []
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a fresh one") from e
-    return check_records(path, records)  # a list of records with typed fields, or one line naming the file
-
-
-def scores_key(record: dict[str, Any]) -> str:
-    """The key of a record's per-task scores in ``scores.json``: what was scored, when, on which tasks."""
-    parts = [record.get("benchmark", ""), record["split"], f"steps{record['inner_steps']}",
-             f"iter{record.get('iteration', '')}", f"ways{record.get('ways', '')}", record.get("task_set", "")]
-    return "/".join(map(str, parts))
-
-
-def read_scores(run_dir: str | Path) -> dict[str, list[float]]:
-    """The per-task scores of a run (``scores.json``: scores key → values; empty when there is none)."""
-    path = Path(run_dir) / SCORES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        scores = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); move it away and re-run `metagrad eval`") from e
-    if not isinstance(scores, dict) or not all(isinstance(v, list) for v in scores.values()):
-        raise ValueError(f"{path} must map score keys to lists of per-task values")
-    return scores
-
-
-def record_scores(run_dir: str | Path, record: dict[str, Any]) -> list[float] | None:
-    """The per-task scores of one ``eval.json`` record (None for records written before they were kept)."""
-    key = record.get("scores_key")
-    return read_scores(run_dir).get(key) if key else None
-
-
-def append_records(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    """Append records to ``eval.json`` and their per-task scores to ``scores.json``, each rewritten atomically
-    (scores first, so a record never names scores that were not written)."""
-    run_dir = Path(run_dir)
-    scores, kept = read_scores(run_dir), []
-    for r in records:
-        r = dict(r)
-        values = r.pop("scores", None)
-        if values is not None:
-            r["scores_key"] = scores_key(r)
-            scores[r["scores_key"]] = values
-        kept.append(r)
-    write_atomic(run_dir / SCORES_FILE, json.dumps(scores, separators=(",", ":")) + "\n")
-    path = run_dir / EVAL_FILE
-    write_atomic(path, json.dumps([*read_records(run_dir), *kept], indent=2) + "\n")
-    return path
-
-
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: int | None = None,
                  benchmark: str | None = None, data_root: str | None = None,
                  ways: int | None = None, inner_steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
@@ -266,6 +209,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: in
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} does not exist")
+    open_run(run_dir)
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
     device = device_of(cfg.train.device)
@@ -344,5 +288,6 @@ __all__ = [
     "read_records",
     "read_scores",
     "record_scores",
+    "scores_key",
     "task_digest",
 ]

@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 
 from . import config as C
+from . import rundir as R
 from . import stats
-from .diagnostics import read_diagnostics, write_diagnostics
-from .evaluation import read_records, read_scores
 from .plateau import POINTS, RELATIVE, plateau
-from .study import MANIFEST, method_label
+from .rundir import method_label
 
 # Keys that may differ between the runs of one row: the seed and the rotation of held-out classes are its
 # replicates; the others do not change what is measured.
@@ -174,19 +173,17 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist")
-        if (p / "config.json").is_file():
+        if (p / R.CONFIG).is_file():
             found.append(p)
         else:
-            found += sorted(c.parent for c in p.rglob("config.json"))
+            found += sorted(c.parent for c in p.rglob(R.CONFIG))
     return list(dict.fromkeys(found))
 
 
 def load_run(path: Path, compute: bool = True) -> Run | None:
     """A finished run (None when it has no final evaluation yet)."""
-    from .plots import read_metrics
-
-    cfg = C.load(path / "config.json")
-    records = read_records(path)
+    cfg = R.read_config(path)
+    records = R.read_records(path)
     if not records:
         return None
     last = max(int(r.get("iteration", 0)) for r in records)
@@ -194,10 +191,12 @@ def load_run(path: Path, compute: bool = True) -> Run | None:
     for r in records:  # the latest record per (benchmark, split, steps) at the last iteration
         if int(r.get("iteration", 0)) == last and r.get("split") == cfg.eval.split:
             final[(r.get("benchmark"), r["inner_steps"])] = r
-    diag = read_diagnostics(path)
-    if (diag is None or diag.get("iteration") != last) and compute and (path / "checkpoint.pt").is_file():
+    diag = R.read_diagnostics(path)
+    if (diag is None or diag.get("iteration") != last) and compute and (path / R.CHECKPOINT).is_file():
+        from .diagnostics import write_diagnostics  # torch and the learner, only when they must be computed
+
         diag = write_diagnostics(path)
-    return Run(path, cfg, list(final.values()), read_metrics(path), diag, last, read_scores(path))
+    return Run(path, cfg, list(final.values()), R.read_metrics(path), diag, last, R.read_scores(path))
 
 
 def _signature(cfg: C.Config, plugins: bool = True) -> str:
@@ -244,8 +243,8 @@ def not_applicable(paths: Sequence[str | Path]) -> list[NotApplicable]:
     """N/A and failed cells of the studies (``study.json``) at the given paths."""
     out: dict[tuple[str, str], NotApplicable] = {}
     for p in map(Path, paths):
-        for manifest in [p / MANIFEST] if (p / MANIFEST).is_file() else []:
-            for c in json.loads(manifest.read_text()).get("cells", []):
+        for manifest in filter(None, [R.read_manifest(p)]):
+            for c in manifest.get("cells", []):
                 if c.get("status") in ("n/a", "failed"):
                     key = (c["preset"], c["method"])
                     reason = c["reason"] if c["status"] == "n/a" else f"failed: {c['reason']}"
@@ -525,10 +524,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     figures = RP.plot_all(rows, out)
     commands = [command] if command else []
     for p in roots:
-        if (p / MANIFEST).is_file():
-            cmd = json.loads((p / MANIFEST).read_text()).get("command")
-            if cmd and cmd not in commands:
-                commands.insert(0, cmd)
+        cmd = (R.read_manifest(p) or {}).get("command")
+        if cmd and cmd not in commands:
+            commands.insert(0, cmd)
     tabs = tables(rows, na)
 
     md = ["# metagrad report", ""]
@@ -551,9 +549,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
         md += [f"### {caption}", "", f"![{caption}]({path.name})", ""]
         html_parts.append(f"<h3>{html.escape(caption)}</h3><img src='{html.escape(path.name)}' alt=''>")
     html_parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(html_parts) + "\n")
+    R.write_atomic(out / "report.html", "\n".join(html_parts) + "\n")
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    R.write_atomic(path, "\n".join(md))
     return path
 
 

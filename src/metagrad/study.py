@@ -37,9 +37,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import signal
 import sys
 import threading
@@ -51,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
+from .rundir import MANIFEST, RUN_FILES, cell_dir, method_label, write_manifest
 
 try:  # Python >= 3.11
     import tomllib
@@ -58,7 +57,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 STUDY_DIR = C.PRESET_DIR / "studies"
-MANIFEST = "study.json"
 _KEYS = ("description", "presets", "methods", "seeds", "set", "preset_set", "method_set", "cross_domain", "folds")
 
 
@@ -106,11 +104,6 @@ def method_plugins(method: str) -> list[str]:
     return [] if keys in ([], ["maml"]) else keys
 
 
-def method_label(plugins: Sequence[str]) -> str:
-    """The row name of a set of plug-ins: ``maml`` or the sorted keys joined by ``+``."""
-    return "+".join(sorted(plugins)) or "maml"
-
-
 def load_study(name_or_path: str) -> Study:
     """A study by name (``metagrad/configs/studies/NAME.toml``) or ``.toml`` path; ConfigError if bad."""
     path = Path(name_or_path).expanduser()
@@ -150,8 +143,8 @@ def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[C
             plugins = method_plugins(method)
             label = method_label(plugins)
             for fold in range(folds) if folds else [None]:
-                where = Path(out_dir) / preset / label if fold is None else Path(out_dir) / preset / label / f"fold{fold}"
-                grid += [Cell(preset, label, plugins, k, str(where / f"seed{k}"), fold) for k in range(n)]
+                grid += [Cell(preset, label, plugins, k, str(cell_dir(out_dir, preset, label, k, fold)), fold)
+                         for k in range(n)]
     return grid
 
 
@@ -196,7 +189,7 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
     from . import checkpoint as ckpt
     from .diagnostics import diagnostic_steps, read_diagnostics, write_diagnostics
     from .evaluation import evaluate_run, read_records
-    from .train import RUN_FILES, train
+    from .train import train
 
     run_dir = Path(cell.run_dir)
     record: dict[str, Any] = {**asdict(cell), "status": "", "reason": ""}
@@ -281,7 +274,7 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
     def note(i: int, rec: dict[str, Any]) -> None:
         records[i] = rec
         manifest["cells"] = [records[j] for j in sorted(records)]
-        _write_json(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
         if progress:
             extra = f": {rec['reason']}" if rec.get("reason") else f" ({rec.get('seconds', 0):.0f} s)"
             fold = "" if rec.get("fold") is None else f" fold{rec['fold']}"
@@ -326,12 +319,6 @@ def _run_pool(jobs_args: list[tuple[Cell, C.Config, list[str]]], jobs: int, note
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = ["MANIFEST", "Cell", "Study", "StudyResult", "cell_config", "cells", "check_cell", "load_study",

@@ -40,7 +40,6 @@ from . import config as C
 from . import distributed as D
 from .data import Benchmark
 from .evaluation import (
-    SCORES_FILE,
     RunError,
     append_records,
     evaluate,
@@ -50,13 +49,23 @@ from .evaluation import (
     read_records,
 )
 from .maml import MAML
-from .rundir import RunFileWarning, check_files, naming, write_atomic
+from .rundir import (
+    EVAL,
+    FAULTS,
+    METRICS,
+    RUN_FILES,
+    append_fault,
+    check_files,
+    naming,
+    open_log,
+    open_run,
+    truncate_log,
+    write_config,
+)
 
-RUN_FILES = ("config.json", ckpt.FILENAME, "metrics.jsonl", "eval.json", SCORES_FILE)
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
 RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root",
              "train.keep_checkpoints", "train.max_bad_steps", "train.time_budget_min")
-FAULTS = "faults.jsonl"
 
 
 class NumericalError(RunError):
@@ -157,35 +166,6 @@ def flatten_diagnostics(diag: dict[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Keep the metrics lines up to ``iteration``: lines logged after the checkpoint are dropped (they are logged
-    again), and so is a torn last line (a kill mid-write). Any other damaged line is set aside in
-    ``<name>.damaged`` with a :class:`RunFileWarning`: its values cannot be logged again, but are not lost silently.
-    """
-    if not path.exists():
-        return
-    with naming(path):
-        text = path.read_text(errors="replace")
-    lines = text.splitlines()
-    keep, damaged = [], []
-    for n, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-            if n < len(lines) or text.endswith("\n"):  # not a torn last write: damage
-                damaged.append((n, line))
-    if damaged:
-        aside = path.with_name(f"{path.name}.damaged")
-        old = aside.read_text() if aside.is_file() else ""
-        write_atomic(aside, old + "".join(f"{line}\n" for _, line in damaged))
-        where = ", ".join(str(n) for n, _ in damaged[:10]) + (" …" if len(damaged) > 10 else "")
-        warnings.warn(f"{path.name} line {where} {'is' if len(damaged) == 1 else 'are'} damaged (not a metrics "
-                      f"record): set aside in {aside.name}; those iterations' logged values are lost, the training "
-                      "itself is not", RunFileWarning, stacklevel=2)
-    write_atomic(path, "".join(f"{line}\n" for line in keep))
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 @dataclass
 class _Session:
@@ -261,9 +241,9 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
         if dctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resume:  # a run stopped before its first checkpoint: drop what it logged, start over
-                ckpt.remove_temporaries(run_dir)
-                _truncate_metrics(run_dir / "metrics.jsonl", 0)
-                _truncate_metrics(run_dir / FAULTS, 0)
+                open_run(run_dir)
+                truncate_log(run_dir / METRICS, 0)
+                truncate_log(run_dir / FAULTS, 0)
     else:
         s.learner.load_state_dict(state["learner"])
         s.opt.load_state_dict(state["optimizer"])
@@ -272,13 +252,13 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
         s.bad_in_row, s.saved = int(state.get("bad_in_row", 0)), s.start
         ckpt.set_rng_state(state["rng"])
         if dctx.is_main:
-            ckpt.remove_temporaries(run_dir)   # left by a process killed mid-write
+            open_run(run_dir)   # removes the temporary files of a process killed mid-write
             _repair_checkpoints(run_dir, state.pop("_fallback", None))
-            _truncate_metrics(run_dir / "metrics.jsonl", s.start)
-            _truncate_metrics(run_dir / FAULTS, s.start)
+            truncate_log(run_dir / METRICS, s.start)
+            truncate_log(run_dir / FAULTS, s.start)
     D.broadcast_module(s.learner, dctx)
     if dctx.is_main:
-        C.save(cfg, run_dir / "config.json")
+        write_config(run_dir, cfg)
     return s
 
 
@@ -408,7 +388,7 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
     bar = tqdm(total=t.iterations, initial=s.start, disable=not progress or not sys.stderr.isatty() or not main,
                dynamic_ncols=True, desc=cfg.name)
     with contextlib.ExitStack() as files, bar:
-        log = files.enter_context(open(run_dir / "metrics.jsonl", "a")) if main else None
+        log = files.enter_context(open_log(run_dir / METRICS)) if main else None
         for it in range(s.start, t.iterations):
             lr = meta_lr(t, it)
             for group in s.opt.param_groups:
@@ -435,7 +415,7 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                 if val_bench is not None:
                     rec.update(_validate(cfg, s.learner, val_bench, device))
                 assert log is not None
-                with naming(run_dir / "metrics.jsonl"):
+                with naming(run_dir / METRICS):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 s.meter.reset()
@@ -445,7 +425,7 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
                     callback(done, rec)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.iterations or out_of_time:
                 assert log is not None
-                with naming(run_dir / "metrics.jsonl"):
+                with naming(run_dir / METRICS):
                     log.flush()
                     os.fsync(log.fileno())  # every line up to the checkpoint survives a power cut
                 _check_state_finite(s, done)
@@ -468,9 +448,8 @@ def _bad_step(cfg: C.Config, run_dir: Path, s: _Session, it: int, fault: Fault) 
     what = f"{', '.join(fault.tensors[:6])}{' …' if len(fault.tensors) > 6 else ''}"
     tasks = f"{fault.task_ids[:10]}{' …' if len(fault.task_ids) > 10 else ''}"
     if s.dctx.is_main:
-        with naming(run_dir / FAULTS), open(run_dir / FAULTS, "a") as f:
-            f.write(json.dumps({"iteration": it + 1, "batch": it, "event": "non_finite", "tensors": fault.tensors,
-                                "task_ids": fault.task_ids, "in_a_row": s.bad_in_row, "action": "skipped"}) + "\n")
+        append_fault(run_dir, {"iteration": it + 1, "batch": it, "event": "non_finite", "tensors": fault.tensors,
+                               "task_ids": fault.task_ids, "in_a_row": s.bad_in_row, "action": "skipped"})
         warnings.warn(f"iteration {it + 1}: non-finite {what} on tasks {tasks}; meta-update skipped "
                       f"({s.bad_in_row} of {limit} in a row allowed)", NumericalWarning, stacklevel=2)
     if s.bad_in_row >= limit:
@@ -518,7 +497,7 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
         raise RunError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
     check_files(run_dir, (*RUN_FILES, FAULTS))  # a directory or an unreadable file fails now, not mid-run
     read_records(run_dir)                       # a malformed eval.json too
-    if not ckpt.candidates(run_dir) and not (run_dir / "eval.json").exists():
+    if not ckpt.candidates(run_dir) and not (run_dir / EVAL).exists():
         # Stopped before its first checkpoint: nothing was kept for good, so the run starts over (same trajectory).
         warnings.warn(f"{str(run_dir)!r} holds no checkpoint yet (stopped before the first one): starting it "
                       "from iteration 0", ckpt.CheckpointWarning, stacklevel=2)
