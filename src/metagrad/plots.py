@@ -1,6 +1,7 @@
 """The run figure: learning curve, and for regression the fitted curves of a few test tasks.
 
-Matplotlib runs on the non-interactive Agg backend so plots work on headless machines.
+Figures are ``matplotlib.figure.Figure`` objects drawn by the Agg canvas directly, so plots work on headless
+machines and importing this module never changes the backend pyplot uses (a notebook's stays as it is).
 
 Example:
     >>> plot_run("runs/sin10", learner, test_bench, inner_steps=[0, 1, 10])   # → runs/sin10/curves.png
@@ -8,37 +9,32 @@ Example:
 
 from __future__ import annotations
 
-import json
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from .data import Benchmark
 from .maml import MAML
-
-PLOT_FILE = "curves.png"
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The parsed lines of a run's ``metrics.jsonl`` (a torn last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+from .rundir import PLOT as PLOT_FILE
+from .rundir import read_metrics, write_atomic
 
 
-def plot_learning_curve(ax: plt.Axes, rows: Sequence[dict[str, Any]], regression: bool, val_steps: int) -> None:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Render ``fig`` to PNG with the Agg canvas and write it to ``path`` atomically; returns the path."""
+    FigureCanvasAgg(fig)  # attaches itself to the figure: no pyplot, no backend switch
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_learning_curve(ax: Axes, rows: Sequence[dict[str, Any]], regression: bool, val_steps: int) -> None:
     """Train query loss and the validation metric (after ``val_steps`` inner steps) against the iteration."""
     its = [r["iteration"] for r in rows]
     ax.plot(its, [r.get("query_loss", float("nan")) for r in rows], label="train query loss", color="C0")
@@ -62,7 +58,7 @@ def plot_learning_curve(ax: plt.Axes, rows: Sequence[dict[str, Any]], regression
     ax.grid(alpha=0.3)
 
 
-def plot_fits(axes: Sequence[plt.Axes], learner: MAML, bench: Benchmark, inner_steps: Sequence[int],
+def plot_fits(axes: Sequence[Axes], learner: MAML, bench: Benchmark, inner_steps: Sequence[int],
               device: torch.device | str = "cpu") -> None:
     """For the first tasks of test batch 0: true function, support points, predictions after each step count."""
     batch = bench.batch(0)
@@ -102,20 +98,17 @@ def plot_run(run_dir: str | Path, learner: MAML, bench: Benchmark, inner_steps: 
     regression = bench.task_type == "regression" and hasattr(bench, "true_function")
     rows = read_metrics(run_dir)
     if regression:
-        fig = plt.figure(figsize=(15, 6), layout="constrained")
+        fig = Figure(figsize=(15, 6), layout="constrained")
         grid = fig.add_gridspec(2, 4)
         plot_learning_curve(fig.add_subplot(grid[:, :2]), rows, True, learner.eval_inner_steps)
         n = min(tasks, 4, bench.meta_batch_size)
         plot_fits([fig.add_subplot(grid[i // 2, 2 + i % 2]) for i in range(n)], learner, bench,
                   sorted(set(inner_steps) | {0}), device)
     else:
-        fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-        plot_learning_curve(ax, rows, False, learner.eval_inner_steps)
+        fig = Figure(figsize=(7, 5), layout="constrained")
+        plot_learning_curve(fig.subplots(), rows, False, learner.eval_inner_steps)
     fig.suptitle(f"{run_dir.name}: {bench.name}")
-    path = run_dir / PLOT_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, run_dir / PLOT_FILE, dpi=100)
 
 
-__all__ = ["PLOT_FILE", "plot_fits", "plot_learning_curve", "plot_run", "read_metrics"]
+__all__ = ["PLOT_FILE", "plot_fits", "plot_learning_curve", "plot_run", "read_metrics", "save_figure"]

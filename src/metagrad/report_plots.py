@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure as MplFigure
+
+from .plots import save_figure
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Row
@@ -51,10 +50,13 @@ def _series(row: Row, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return np.array(its), v.mean(0), v.min(0), v.max(0)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+def _figure(figsize: tuple[float, float]) -> MplFigure:
+    """A figure of its own (no pyplot state, no backend switch), laid out by the constrained engine."""
+    return MplFigure(figsize=figsize, layout="constrained")
+
+
+def _save(fig: MplFigure, path: Path) -> Path:
+    return save_figure(fig, path, dpi=DPI)
 
 
 def _regression(row: Row) -> bool:
@@ -63,7 +65,8 @@ def _regression(row: Row) -> bool:
 
 def plot_learning_curves(preset: str, rows: Sequence[Row], path: Path) -> Path:
     reg = _regression(rows[0])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    fig = _figure((12, 4.5))
+    a, b = fig.subplots(1, 2)
     val_key = "val_mse" if reg else "val_accuracy"
     for i, row in enumerate(rows):
         for ax, key, style in ((a, "query_loss", "-"), (b, val_key, "o-")):
@@ -99,7 +102,8 @@ def plot_fits(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
     if not fits:
         return None
     n = min(len(f) for _, f in fits)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.8), layout="constrained", squeeze=False)
+    fig = _figure((4 * n, 3.8))
+    axes = fig.subplots(1, n, squeeze=False)
     for t, ax in enumerate(axes[0]):
         ref = fits[0][1][t]
         ax.plot(ref["x"], ref["true"], color="black", lw=2, label="true function")
@@ -129,8 +133,8 @@ def plot_sample_losses(preset: str, rows: Sequence[Row], path: Path) -> Path | N
         names.append(row.name.replace("+", "+\n").replace(" [", "\n[") + f"\n({k} steps)")  # narrow ticks
     if not data:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained",
-                               gridspec_kw={"width_ratios": [1.2, 1]})
+    fig = _figure((13, 4.8))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
     parts = a.violinplot(data, showmedians=True, showextrema=False)
     for i, body in enumerate(parts["bodies"]):  # type: ignore[index]
         body.set_facecolor(_color(i))
@@ -175,7 +179,8 @@ def plot_grad_norms(preset: str, rows: Sequence[Row], path: Path) -> Path | None
               if k.startswith(prefix)]
     if not layers:
         return None
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(layers) + 3), 4.5), layout="constrained")
+    fig = _figure((max(7, 1.1 * len(layers) + 3), 4.5))
+    ax = fig.subplots()
     width = 0.8 / len(rows)
     x = np.arange(len(layers))
     for i, row in enumerate(rows):
@@ -204,7 +209,8 @@ def plot_plugin_series(preset: str, rows: Sequence[Row], prefix: str, what: str,
     having = [row for row in rows if _keys(row, prefix)]
     if not having:
         return None
-    fig, axes = plt.subplots(1, len(having), figsize=(max(9.0, 6 * len(having)), 4.2), layout="constrained", squeeze=False)
+    fig = _figure((max(9.0, 6 * len(having)), 4.2))
+    axes = fig.subplots(1, len(having), squeeze=False)
     for ax, row in zip(axes[0], having):
         for j, key in enumerate(_keys(row, prefix)):
             s = _series(row, key)
@@ -229,7 +235,8 @@ def plot_relation(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
                 break
     if not mats:
         return None
-    fig, axes = plt.subplots(1, len(mats), figsize=(max(8.0, 4.6 * len(mats)), 4.2), layout="constrained", squeeze=False)
+    fig = _figure((max(8.0, 4.6 * len(mats)), 4.2))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, (row, run, m) in zip(axes[0], mats):
         im = ax.imshow(m, cmap="viridis", vmin=0)
         ax.set_xticks(range(m.shape[1]))
@@ -247,7 +254,8 @@ def plot_colearner(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
     if not having:
         return None
     cls = any(_series(row, "cml.accuracy") is not None for row in having)
-    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    fig = _figure((9, 4.8))
+    ax = fig.subplots()
     for i, row in enumerate(having):
         pairs = (("cml.accuracy", "co-learner"), ("accuracy", "meta-learner")) if cls else \
             (("cml.loss", "co-learner"), ("query_loss", "meta-learner"))
