@@ -150,3 +150,54 @@ def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
     # The late drop of the meta step size: 1e-3, then 1e-4 for the last 20% of the 5,200 steps.
     assert (cfg.train.meta_lr_schedule, cfg.train.meta_lr_min, cfg.train.iterations) == ("step", 1e-4, 5200)
     assert cfg.train.meta_lr_step_at == 0.8
+
+
+# ------------------------------------------------------------------------------------------------ limits
+def test_limits_are_declared_beside_their_fields_and_read_by_their_users():
+    """One definition of every choice: validation and the modules that act on a value read the same tuple."""
+    from metagrad import inner_lr, maml
+    from metagrad.models import conv4
+
+    limits = C.limits()
+    assert set(limits) <= set(C.all_keys())
+    assert {k for k, lim in limits.items() if "choices" in lim} == {
+        "model.name", "model.pool", "maml.adapt", "maml.learn_inner_lr", "train.meta_lr_schedule",
+        "train.precision", "eval.split"}
+    assert C.choices("maml.adapt") == C.ADAPT and C.choices("model.pool") == C.POOLS
+    assert C.choices("maml.learn_inner_lr") == C.INNER_LR_MODES
+    # maml, inner_lr and conv4 refuse exactly what the config refuses (after the import change: the same tuple).
+    assert (maml.ADAPT, inner_lr.MODES, conv4.POOLS) == (C.ADAPT, C.INNER_LR_MODES, C.POOLS)
+    for key, lim in limits.items():
+        section, name = key.split(".")
+        default = getattr(C.Config(), section).__dict__[name]
+        assert "choices" not in lim or default in lim["choices"], key
+        assert "min" not in lim or default is None or min(default if isinstance(default, list) else [default]) \
+            >= lim["min"], key
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.pool=avg", "model.pool: expected one of max, stride, none, got 'avg'"),
+    ("maml.learn_inner_lr=per_layer", "maml.learn_inner_lr: expected one of fixed, per_step, per_element"),
+    ("benchmark.image_size=0", "benchmark.image_size: must be >= 1, got 0"),
+    (f"train.seed={2**31}", f"train.seed: must be >= 0 and <= {2**31 - 1}"),
+    ("train.time_budget_min=inf", "train.time_budget_min: must be > 0 and finite, got inf"),
+    ("train.meta_lr_min=-1", r"train.meta_lr_min: must be >= 0 and finite \(the schedule's last step size\)"),
+    ("train.meta_lr_step_at=1.5", r"train.meta_lr_step_at: a fraction of train.iterations in \[0, 1\], got 1.5"),
+    ("model.dropout=1", r"model.dropout: a probability in \[0, 1\), got 1.0"),
+    ("model.dropout=nan", r"model.dropout: a probability in \[0, 1\), got nan"),
+    ("model.hidden=40,0", r"model.hidden: expected a non-empty list of counts >= 1, got \[40, 0\]"),
+    ("eval.inner_steps=[]", r"eval.inner_steps: expected a non-empty list of counts >= 0, got \[\]"),
+])
+def test_every_kind_of_limit_is_checked_with_its_message(item, message):
+    with pytest.raises(C.ConfigError, match=message) as err:
+        C.resolve("sinusoid-10shot", [item])
+    assert "\n" not in str(err.value)
+
+
+def test_the_evaluation_step_count_is_derived_once():
+    cfg = C.resolve("sinusoid-10shot", ["maml.inner_steps=2", "maml.eval_inner_steps=none", "eval.inner_steps=none"])
+    assert cfg.test_steps == 2 and cfg.eval_steps("regression") == [0, 1, 2] and cfg.eval_steps("classification") == [2]
+    cfg.maml.eval_inner_steps = 5
+    assert cfg.test_steps == 5 and cfg.eval_steps("classification") == [5]
+    cfg.eval.inner_steps = [0, 3]
+    assert cfg.eval_steps("regression") == [0, 3] and cfg.test_steps == 5

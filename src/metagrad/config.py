@@ -21,6 +21,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,77 +38,102 @@ class ConfigError(ValueError):
     """A bad preset, key or value; the message is one line that says what to change."""
 
 
+# The allowed values of the fields that take a name; the modules that act on them import them from here.
+MODELS = ("auto", "mlp", "conv4", "gcn")
+POOLS = ("max", "stride", "none")                      # models.conv4
+ADAPT = ("all", "no_norm", "head")                     # maml
+INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
+SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("fp32", "bf16")
+SPLITS = ("train", "val", "test")
+
+
+def _f(default: Any, **limits: Any) -> Any:
+    """A field with its limits beside it, read by :func:`validate`: ``choices`` (allowed values), ``min`` (ints
+    and every element of a list of ints, at most 2³¹−1; a float is also finite), ``positive`` (finite and > 0),
+    ``max`` / ``below`` (inclusive / exclusive upper bound); ``why`` names what the value is in the message. A
+    list-typed field spells out ``field(default_factory=..., metadata={...})``."""
+    return field(default=default, metadata=limits)
+
+
 @dataclass
 class BenchmarkConfig:
     name: str = "sinusoid"              # a registered benchmark: `metagrad list benchmarks`
-    ways: int = 5                       # classes per task (regression ignores it)
-    shots: int = 10                     # support samples per class (points, for regression)
-    queries: int = 10                   # query samples per class: what the outer loss is measured on
+    ways: int = _f(5, min=1)            # classes per task (regression ignores it)
+    shots: int = _f(10, min=1)          # support samples per class (points, for regression)
+    queries: int = _f(10, min=1)        # query samples per class: what the outer loss is measured on
     data_root: str | None = None        # folder of the data files; None: the benchmark's default lookup
-    image_size: int | None = None       # resize images to this side; None: the benchmark's standard size
+    image_size: int | None = _f(None, min=1)  # resize images to this side; None: the benchmark's standard size
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other data.create argument, passed as is
 
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"                  # mlp | conv4 | gcn; auto: mlp for regression, gcn for graphs, else conv4
-    hidden: list[int] = field(default_factory=lambda: [40, 40])  # MLP hidden widths (Finn: 40-40); GCN: [16]
-    width: int = 64                     # Conv4 filters per block (32 for mini-ImageNet in Finn et al.)
+    name: str = _f("auto", choices=MODELS)  # mlp | conv4 | gcn; auto: mlp for regression, gcn for graphs, else conv4
+    hidden: list[int] = field(default_factory=lambda: [40, 40], metadata={"min": 1})  # MLP hidden widths (Finn:
+                                        # 40-40); GCN: [16]
+    width: int = _f(64, min=1)          # Conv4 filters per block (32 for mini-ImageNet in Finn et al.)
     bias: bool = False                  # Conv4 conv bias: redundant before batch norm, so off
-    pool: str = "max"                   # Conv4 pooling: "max", "stride" (Finn et al.'s Omniglot net) or "none"
-    dropout: float = 0.0                # GCN dropout; 0 keeps the inner loop a deterministic function
+    pool: str = _f("max", choices=POOLS)  # Conv4 pooling: "max", "stride" (Finn et al.'s Omniglot net) or "none"
+    dropout: float = _f(0.0, min=0, below=1, why="a probability")  # GCN dropout; 0 keeps the inner loop a
+                                        # deterministic function
 
 
 @dataclass
 class MAMLConfig:
-    inner_lr: float = 0.4               # α; Finn: 0.4 Omniglot 5-way, 0.01 sinusoid and mini-ImageNet
-    inner_steps: int = 1                # inner steps in meta-training (the second-order graph grows with it)
-    eval_inner_steps: int | None = None  # inner steps at evaluation; None: same as inner_steps
+    inner_lr: float = _f(0.4, positive=True)  # α; Finn: 0.4 Omniglot 5-way, 0.01 sinusoid and mini-ImageNet
+    inner_steps: int = _f(1, min=1)     # inner steps in meta-training (the second-order graph grows with it)
+    eval_inner_steps: int | None = _f(None, min=0)  # inner steps at evaluation; None: same as inner_steps
     first_order: bool = False           # FOMAML: drop second-order terms (cheaper, nearly as good)
-    adapt: str = "all"                  # all | no_norm | head (ANIL): which tensors the inner loop updates
-    learn_inner_lr: str = "fixed"       # fixed | per_step (MAML++ LSLR) | per_element (Meta-SGD)
+    adapt: str = _f("all", choices=ADAPT)  # all | no_norm | head (ANIL): which tensors the inner loop updates
+    learn_inner_lr: str = _f("fixed", choices=INNER_LR_MODES)  # fixed | per_step (MAML++ LSLR) | per_element
+                                        # (Meta-SGD)
     multi_step_loss: bool = False       # MAML++ MSL: query loss after every inner step, annealed to the last
-    msl_iterations: int = 0             # iterations over which MSL weights anneal to the last step
-    first_order_iterations: int = 0     # MAML++: first order for this many iterations, then second order
+    msl_iterations: int = _f(0, min=0)  # iterations over which MSL weights anneal to the last step
+    first_order_iterations: int = _f(0, min=0)  # MAML++: first order for this many iterations, then second order
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 60000             # meta-updates; Finn: 60k (images), 70k (sinusoid)
-    meta_batch_size: int = 32           # tasks per meta-update
-    meta_lr: float = 1e-3               # Adam step size on θ and the plug-ins' parameters
-    meta_lr_schedule: str = "constant"  # constant | cosine: anneal meta_lr to meta_lr_min over `iterations`
-                                        # (MAML++'s cosine annealing, Antoniou et al. 2019) | step: meta_lr,
-                                        # then meta_lr_min from iteration meta_lr_step_at · iterations on
-    meta_lr_min: float = 1e-5           # the cosine schedule's final step size (MAML++: 1e-5), the step
-                                        # schedule's second one
-    meta_lr_step_at: float = 0.8        # step schedule: the fraction of `iterations` at which it drops
-    seed: int = 0                       # model initialisation and the training task stream
-    grad_clip: float | None = None      # clip the meta-gradient's global norm; None: no clipping
-    log_every: int = 100                # iterations per metrics.jsonl line (values averaged over the window)
-    val_every: int = 1000               # iterations between validations; 0: never
-    val_tasks: int = 100                # val tasks per validation: enough to see a trend, cheap to run
-    checkpoint_every: int = 1000        # iterations between checkpoints (and always at the end); 0: end only
-    keep_checkpoints: int = 3           # numbered copies kept beside checkpoint.pt: a corrupt newest one falls
+    iterations: int = _f(60000, min=1)  # meta-updates; Finn: 60k (images), 70k (sinusoid)
+    meta_batch_size: int = _f(32, min=1)  # tasks per meta-update
+    meta_lr: float = _f(1e-3, positive=True)  # Adam step size on θ and the plug-ins' parameters
+    meta_lr_schedule: str = _f("constant", choices=SCHEDULES)  # constant | cosine: anneal meta_lr to meta_lr_min
+                                        # over `iterations` (MAML++'s cosine annealing, Antoniou et al. 2019) |
+                                        # step: meta_lr, then meta_lr_min from iteration meta_lr_step_at · iterations on
+    meta_lr_min: float = _f(1e-5, min=0, why="the schedule's last step size")  # the cosine schedule's final step
+                                        # size (MAML++: 1e-5), the step schedule's second one; a negative one would
+                                        # be gradient ascent
+    meta_lr_step_at: float = _f(0.8, min=0, max=1, why="a fraction of train.iterations")  # step schedule: the
+                                        # fraction of `iterations` at which it drops
+    seed: int = _f(0, min=0)            # model initialisation and the training task stream
+    grad_clip: float | None = _f(None, positive=True)  # clip the meta-gradient's global norm; None: no clipping
+    log_every: int = _f(100, min=1)     # iterations per metrics.jsonl line (values averaged over the window)
+    val_every: int = _f(1000, min=0)    # iterations between validations; 0: never
+    val_tasks: int = _f(100, min=1)     # val tasks per validation: enough to see a trend, cheap to run
+    checkpoint_every: int = _f(1000, min=0)  # iterations between checkpoints (and always at the end); 0: end only
+    keep_checkpoints: int = _f(3, min=0)  # numbered copies kept beside checkpoint.pt: a corrupt newest one falls
                                         # back to the previous good one (0: checkpoint.pt alone)
-    max_bad_steps: int = 5              # meta-updates in a row with a non-finite loss or gradient (each skipped,
+    max_bad_steps: int = _f(5, min=1)   # meta-updates in a row with a non-finite loss or gradient (each skipped,
                                         # no update) before the run stops with an error
     device: str = "auto"                # cpu | cuda | cuda:N | auto (cuda when available)
-    threads: int | None = None          # torch CPU threads; small models run fastest on 1 (less sync overhead)
-    time_budget_min: float | None = None  # stop (checkpoint, then evaluate) once the run's wall time reaches this
-                                        # many minutes, even before `iterations`; None: no budget
-    precision: str = "fp32"             # fp32 | bf16: autocast the meta-training matmuls/convs to bfloat16;
-                                        # parameters, inner updates and losses stay fp32 (docs/distributed.md)
+    threads: int | None = _f(None, min=1)  # torch CPU threads; small models run fastest on 1 (less sync overhead)
+    time_budget_min: float | None = _f(None, positive=True)  # stop (checkpoint, then evaluate) once the run's wall
+                                        # time reaches this many minutes, even before `iterations`; None: no budget
+    precision: str = _f("fp32", choices=PRECISIONS)  # fp32 | bf16: autocast the meta-training matmuls/convs to
+                                        # bfloat16; parameters, inner updates and losses stay fp32
+                                        # (docs/distributed.md)
 
 
 @dataclass
 class EvalConfig:
-    tasks: int = 600                    # test tasks: the field's protocol (mean ± 95% CI over tasks)
-    inner_steps: list[int] | None = None  # steps to report; None: [0, 1, eval] for regression, [eval] else
-    split: str = "test"                 # the final evaluation's split
-    seed: int = 0                       # val/test stream seed, fixed so every run is scored on the same tasks
-    meta_batch_size: int | None = None  # tasks per evaluation batch; None: train.meta_batch_size
-    queries: int | None = None          # query samples per class in validation and test; None: benchmark.queries
+    tasks: int = _f(600, min=1)         # test tasks: the field's protocol (mean ± 95% CI over tasks)
+    inner_steps: list[int] | None = field(default=None, metadata={"min": 0})  # steps to report; None: [0, 1,
+                                        # eval] for regression, [eval] else
+    split: str = _f("test", choices=SPLITS)  # the final evaluation's split
+    seed: int = _f(0, min=0)            # val/test stream seed, fixed so every run is scored on the same tasks
+    meta_batch_size: int | None = _f(None, min=1)  # tasks per evaluation batch; None: train.meta_batch_size
+    queries: int | None = _f(None, min=1)  # query samples per class in validation and test; None: benchmark.queries
                                         # (train on few queries for speed, score on the usual 15)
 
 
@@ -122,24 +148,22 @@ class Config:
     plugins: list[str] = field(default_factory=list)  # registry keys, applied in order: `metagrad list methods`
     plugin_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per plug-in kwargs, by key
 
+    @property
+    def test_steps(self) -> int:
+        """The inner-step count of evaluation and validation: ``maml.eval_inner_steps``, else ``maml.inner_steps``.
+
+        The one place it is derived: training's validation, the final evaluation, the diagnostics and the report
+        all read it here."""
+        return self.maml.inner_steps if self.maml.eval_inner_steps is None else self.maml.eval_inner_steps
+
     def eval_steps(self, task_type: str) -> list[int]:
         """The inner-step counts reported at evaluation (see :attr:`EvalConfig.inner_steps`)."""
         if self.eval.inner_steps is not None:
             return list(self.eval.inner_steps)
-        k = self.maml.inner_steps if self.maml.eval_inner_steps is None else self.maml.eval_inner_steps
+        k = self.test_steps
         return sorted({0, 1, k}) if task_type == "regression" else [k]
 
 
-_CHOICES = {"model.name": ("auto", "mlp", "conv4", "gcn"), "model.pool": ("max", "stride", "none"),
-            "maml.adapt": ("all", "no_norm", "head"), "maml.learn_inner_lr": ("fixed", "per_step", "per_element"),
-            "train.precision": ("fp32", "bf16"), "train.meta_lr_schedule": ("constant", "cosine", "step"),
-            "eval.split": ("train", "val", "test")}
-_AT_LEAST_1 = ("benchmark.ways", "benchmark.shots", "benchmark.queries", "maml.inner_steps", "train.iterations",
-               "train.meta_batch_size", "train.log_every", "train.val_tasks", "eval.tasks", "eval.queries",
-               "train.max_bad_steps", "benchmark.image_size", "model.width", "train.threads", "eval.meta_batch_size")
-_AT_LEAST_0 = ("maml.eval_inner_steps", "maml.msl_iterations", "maml.first_order_iterations", "train.val_every",
-               "train.checkpoint_every", "train.keep_checkpoints", "train.seed", "eval.seed")
-_POSITIVE = ("maml.inner_lr", "train.meta_lr", "train.grad_clip", "train.time_budget_min")  # finite and > 0
 _INT_MAX = 2**31 - 1  # counts beyond this are typos; torch's sizes and seeds overflow past them
 
 
@@ -342,25 +366,40 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
+def limits() -> dict[str, Mapping[str, Any]]:
+    """Every dotted config key that has limits (allowed values, bounds) → them, as declared beside its field."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for name, tp in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{name}.{f.name}": f.metadata for f in dataclasses.fields(tp) if f.metadata})
+    return out
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of ``key`` (e.g. ``maml.adapt``), as declared beside its field."""
+    return tuple(limits()[key]["choices"])
+
+
 def validate(cfg: Config) -> None:
-    """Range and choice checks the types cannot express; raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    for keys, low in ((_AT_LEAST_1, 1), (_AT_LEAST_0, 0)):
-        for key in keys:
-            v = _get(cfg, key)
-            if v is not None and not low <= v <= _INT_MAX:
-                raise ConfigError(f"{key}: must be >= {low}{'' if v < low else f' and <= {_INT_MAX}'}, got {v}")
-    for key in _POSITIVE:
-        v = _get(cfg, key)
-        if v is not None and not (0 < v < math.inf):  # also refuses nan and inf
+    """Range and choice checks the types cannot express (the limits beside each field); raises ConfigError
+    naming the key. Checked kind by kind: choices, counts, step sizes, other bounded numbers, lists of counts."""
+    found = [(key, lim, _get(cfg, key)) for key, lim in limits().items()]
+    for key, lim, v in found:
+        if "choices" in lim and v not in lim["choices"]:
+            raise ConfigError(f"{key}: expected one of {', '.join(lim['choices'])}, got {v!r}")
+    for key, lim, v in found:
+        if "min" in lim and isinstance(v, int) and not isinstance(v, bool) and not lim["min"] <= v <= _INT_MAX:
+            low = lim["min"]
+            raise ConfigError(f"{key}: must be >= {low}{'' if v < low else f' and <= {_INT_MAX}'}, got {v}")
+    for key, lim, v in found:
+        if lim.get("positive") and v is not None and not (0 < v < math.inf):  # also refuses nan and inf
             raise ConfigError(f"{key}: must be > 0 and finite, got {v}")
-    _validate_fractions(cfg)
-    for key in ("eval.inner_steps", "model.hidden"):
-        v, low = _get(cfg, key), 0 if key == "eval.inner_steps" else 1
-        if v is not None and (not v or not all(low <= n <= _INT_MAX for n in v)):
-            raise ConfigError(f"{key}: expected a non-empty list of counts >= {low}, got {v}")
+    for key, lim, v in found:
+        if isinstance(v, float) and "min" in lim:
+            _check_bounds(key, lim, v)
+    for key, lim, v in found:
+        if "min" in lim and isinstance(v, list) and (not v or not all(lim["min"] <= n <= _INT_MAX for n in v)):
+            raise ConfigError(f"{key}: expected a non-empty list of counts >= {lim['min']}, got {v}")
     if len(set(cfg.plugins)) != len(cfg.plugins):
         raise ConfigError(f"plugins: {cfg.plugins} names a plug-in twice")
     for name, kwargs in cfg.plugin_args.items():
@@ -371,16 +410,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"plugin_args.{name}: expected a table of key=value, got {kwargs!r}")
 
 
-def _validate_fractions(cfg: Config) -> None:
-    """The float fields that are not step sizes: the schedule's floor, its drop point, the dropout rate."""
-    t = cfg.train
-    if not 0 <= t.meta_lr_min < math.inf:  # a negative floor is gradient ascent; nan poisons every step
-        raise ConfigError(f"train.meta_lr_min: must be >= 0 and finite (the schedule's last step size), "
-                          f"got {t.meta_lr_min}")
-    if not 0 <= t.meta_lr_step_at <= 1:
-        raise ConfigError(f"train.meta_lr_step_at: a fraction of train.iterations in [0, 1], got {t.meta_lr_step_at}")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"model.dropout: a probability in [0, 1), got {cfg.model.dropout}")
+def _check_bounds(key: str, lim: Mapping[str, Any], v: float) -> None:
+    """A float field with bounds that is not a step size: the schedule's floor, its drop point, the dropout rate
+    (nan fails every comparison, so it is refused too)."""
+    low = lim["min"]
+    if "max" in lim and not low <= v <= lim["max"]:
+        raise ConfigError(f"{key}: {lim['why']} in [{low}, {lim['max']}], got {v}")
+    if "below" in lim and not low <= v < lim["below"]:
+        raise ConfigError(f"{key}: {lim['why']} in [{low}, {lim['below']}), got {v}")
+    if not low <= v < math.inf:
+        raise ConfigError(f"{key}: must be >= {low} and finite ({lim['why']}), got {v}")
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -426,6 +465,7 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["BenchmarkConfig", "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig",
-           "all_keys", "diff", "from_dict", "load", "load_preset", "presets", "resolve", "save",
-           "set_value", "to_dict", "validate"]
+__all__ = ["ADAPT", "INNER_LR_MODES", "MODELS", "POOLS", "PRECISIONS", "SCHEDULES", "SPLITS", "BenchmarkConfig",
+           "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig", "all_keys", "choices",
+           "diff", "from_dict", "limits", "load", "load_preset", "presets", "resolve", "save", "set_value",
+           "to_dict", "validate"]

@@ -57,12 +57,14 @@ def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, n
     if b.image_size is not None:
         kwargs["image_size"] = b.image_size
     queries = b.queries if split == "train" or cfg.eval.queries is None else cfg.eval.queries
-    try:
-        return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=queries,
-                           meta_batch_size=meta_batch_size, seed=seed,
-                           root=root or (b.data_root if same else None), **kwargs)
-    except TypeError as e:  # an argument the benchmark does not take
-        raise C.ConfigError(f"benchmark {name or b.name!r}: {e} (check benchmark.kwargs / image_size)") from e
+    takes = data.arguments(name or b.name)
+    unknown = [k for k in kwargs if takes is not None and k not in takes]
+    if unknown:  # refused by name here: a TypeError from inside the benchmark stays a TypeError (a bug)
+        raise C.ConfigError(f"benchmark {name or b.name!r} takes no argument {unknown[0]!r} (it takes: "
+                            f"{', '.join(takes or ())}): check benchmark.kwargs / image_size")
+    return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=queries,
+                       meta_batch_size=meta_batch_size, seed=seed, root=root or (b.data_root if same else None),
+                       **kwargs)
 
 
 def make_model(cfg: C.Config, bench: Benchmark) -> torch.nn.Module:
@@ -88,12 +90,9 @@ def make_model(cfg: C.Config, bench: Benchmark) -> torch.nn.Module:
 
 def make_learner(cfg: C.Config, bench: Benchmark) -> MAML:
     """Model, plug-ins (by registry key, with ``plugin_args``) and the MAML learner around them."""
-    plugins = []
-    for key in cfg.plugins:
-        try:
-            plugins.append(methods.create(key, **cfg.plugin_args.get(key, {})))
-        except TypeError as e:  # an unknown or mistyped keyword
-            raise C.ConfigError(f"plugin_args.{key}: {e}") from e
+    # methods.create checks the arguments against the plug-in's signature (an unknown or mistyped keyword is a
+    # one-line ConfigError naming it), so a TypeError from inside a plug-in is a bug and is left to surface.
+    plugins = [methods.create(key, **cfg.plugin_args.get(key, {})) for key in cfg.plugins]
     mc = cfg.maml
     return MAML(make_model(cfg, bench), inner_lr=mc.inner_lr, inner_steps=mc.inner_steps,
                 eval_inner_steps=mc.eval_inner_steps, first_order=mc.first_order, adapt=mc.adapt,

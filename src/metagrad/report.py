@@ -282,9 +282,7 @@ def _p_fmt(adjusted: float) -> str:
 
 
 def _main_steps(row: Row) -> int:
-    cfg = row.runs[0].cfg
-    m = cfg.maml
-    return m.inner_steps if m.eval_inner_steps is None else m.eval_inner_steps
+    return row.runs[0].cfg.test_steps
 
 
 def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.Comparison | str, float, Row | None]]:

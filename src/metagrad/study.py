@@ -178,7 +178,7 @@ def check_cell(cfg: C.Config) -> str | None:
         return f"benchmark unavailable: {' '.join(str(e).split())}"
     try:
         make_learner(cfg, bench)
-    except (ValueError, TypeError) as e:
+    except ValueError as e:  # a TypeError is a bug, not a combination the model cannot take: run_cell records it
         return " ".join(str(e).split())
     return None
 
@@ -193,11 +193,11 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
 
     run_dir = Path(cell.run_dir)
     record: dict[str, Any] = {**asdict(cell), "status": "", "reason": ""}
-    reason = check_cell(cfg)
-    if reason is not None:
-        return {**record, "status": "n/a", "reason": reason}
     start = time.perf_counter()
     try:
+        reason = check_cell(cfg)
+        if reason is not None:
+            return {**record, "status": "n/a", "reason": reason}
         if _done(cfg, run_dir):
             record["status"] = "skipped (done)"
         else:

@@ -516,7 +516,7 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
 
 
 def _validate(cfg: C.Config, learner: MAML, bench: Benchmark, device: torch.device) -> dict[str, float]:
-    k = cfg.maml.inner_steps if cfg.maml.eval_inner_steps is None else cfg.maml.eval_inner_steps
+    k = cfg.test_steps
     values = per_task_metric(learner, bench, cfg.train.val_tasks, [k], device)[k]
     return {f"val_{'accuracy' if bench.task_type == 'classification' else 'mse'}": values.mean().item()}
 

@@ -5,6 +5,7 @@ Every benchmark registers itself by name with :func:`register`; :func:`available
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,20 @@ def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queri
                            meta_batch_size=meta_batch_size, seed=seed, root=root, **kwargs)
 
 
+def arguments(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments benchmark ``name`` takes (its factory's signature), None when it takes any.
+
+    Lets a caller refuse an unknown argument by name before building, instead of reading a ``TypeError``.
+    """
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def fixed_ways(name: str) -> int | None:
     """The number of ways benchmark ``name`` is fixed to (``fixed_ways`` of its class, e.g. 20 for Lake's
     one-shot runs), or None when episodes take any number."""
@@ -68,4 +83,4 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-__all__ = ["Benchmark", "available", "create", "generator", "register", "stream_seed"]
+__all__ = ["Benchmark", "arguments", "available", "create", "generator", "register", "stream_seed"]

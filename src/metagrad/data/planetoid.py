@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import io
 import os
 import pickle
@@ -379,6 +380,7 @@ def _factory(name: str):
         return PlanetoidFewShot(name, **kwargs)
 
     build.__doc__ = f"The ``{name}`` few-shot node classification benchmark (see :class:`PlanetoidFewShot`)."
+    build.__signature__ = inspect.signature(functools.partial(PlanetoidFewShot, name))  # type: ignore[attr-defined]
     return build
 
 
