@@ -70,7 +70,8 @@ def test_run_files_and_records(tmp_path):
     run = tmp_path / "run"
     result = train(tiny(iterations=6), run, progress=False)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "eval.json",
-                                               "curves.png", "checkpoint-00000005.pt", "checkpoint-00000006.pt"}
+                                               "scores.json", "curves.png", "checkpoint-00000005.pt",
+                                               "checkpoint-00000006.pt"}
     assert result.plot == run / "curves.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
     assert C.load(run / "config.json") == tiny(iterations=6)
     rows = metrics(run)
