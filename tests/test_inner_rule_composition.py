@@ -13,9 +13,17 @@ from torch.func import functional_call
 
 from metagrad import MAML
 from metagrad.methods import CxGrad, MetaGNA
-from tests.test_cxgrad import CONVS, ce, conv4, cx_context_start, cx_rescale
-from tests.test_maml import assert_close_rel, image_batch
-from tests.test_meta_gna import all_grads, gna_step
+from tests.helpers import (
+    CONVS,
+    all_grads,
+    assert_close_rel,
+    ce,
+    conv4,
+    cx_context_start,
+    cx_rescale,
+    gna_step,
+    image_batch,
+)
 
 
 def reference(model, cx, gna, batch, lr, steps, names):

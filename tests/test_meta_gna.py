@@ -11,52 +11,26 @@ from torch.func import functional_call
 from metagrad import MAML
 from metagrad.methods import MetaGNA, create
 from metagrad.methods.meta_gna import NORMS
-from metagrad.models import MLP, Conv4
-from tests.test_maml import assert_close_rel, image_batch, learner_meta_grad, regression_batch
-
-mse, ce = nn.functional.mse_loss, nn.functional.cross_entropy
+from metagrad.models import MLP
+from tests.helpers import (
+    DETACH,
+    all_grads,
+    assert_close_rel,
+    assert_directional_derivative,
+    ce,
+    conv4,
+    gna_step,
+    image_batch,
+    learner_meta_grad,
+    mse,
+    norm,
+    regression_batch,
+)
 
 
 def mlp():
     torch.manual_seed(0)
     return MLP(1, (8, 8), 1).double()
-
-
-def conv4(**kw):
-    torch.manual_seed(0)
-    return Conv4(1, ways=3, width=4, image_size=28, **kw).double()
-
-
-def all_grads(learner, batch):
-    """Meta-loss and its gradient w.r.t. every learner parameter (model, plug-ins, learned rates)."""
-    out = learner.meta_loss(batch)
-    return out, torch.autograd.grad(out.loss, list(learner.parameters()))
-
-
-def norm(t, detach=True):
-    return t.norm().detach() if detach else t.norm()
-
-
-# Which norms are detached (the Arbiter's input, the divisor of the step) under each reading.
-DETACH = {"code": (True, False), "detached": (True, True), "exact": (False, False)}
-
-
-def gna_step(arbiter, weights, grads, directions=None, ema=None, use_ema=False, norms="code"):
-    """One task's Meta-GNA steps (before α), written out from the spec; returns (steps, factors, new ema).
-
-    The default, "code", is the authors' code: the Arbiter reads ``torch.norm(g).detach()``, the step is
-    ``g / torch.norm(g)`` on the create_graph gradient (its norm in the graph)."""
-    arbiter_detach, divisor_detach = DETACH[norms]
-    w = torch.stack([x.norm() for x in weights])
-    n = torch.stack([norm(g, arbiter_detach) for g in grads])
-    feats = torch.cat([w, n])
-    if use_ema:
-        ema = feats if ema is None else 0.1 * feats + 0.9 * ema
-        feats = torch.cat([feats, ema])
-    z = (feats - feats.mean()) / (feats.std() + 1e-12)
-    a = arbiter(z)
-    directions = grads if directions is None else directions
-    return [a[i] * d / norm(d, divisor_detach) for i, d in enumerate(directions)], a, ema
 
 
 def gna_reference(model, plugin, batch, lr, steps, loss_fn, first_order=False, per_sample=False, use_ema=False,
@@ -176,19 +150,7 @@ def test_finite_differences_through_two_inner_steps():
     params = list(learner.parameters())
     _, grads = all_grads(learner, batch)
     direction = [torch.randn_like(p) for p in params]
-    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
-    eps = 1e-6
-
-    def shifted(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        return learner.meta_loss(batch).loss.detach()
-
-    plus, minus = shifted(1), shifted(-2)
-    shifted(1)
-    numeric = (plus - minus) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps=1e-6)
 
 
 @pytest.mark.parametrize("options", [{"per_step": True}, {"features": "wn_gn_ema"}, {"per_sample": True},

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from metagrad import MAML, Plugin
 from metagrad.models import MLP
-from tests.test_maml import assert_close_rel, learner_meta_grad, reference_meta_grad, regression_batch
+from tests.helpers import assert_close_rel, learner_meta_grad, reference_meta_grad, regression_batch
 
 
 class Neutral(Plugin):

@@ -12,36 +12,18 @@ from torch.func import functional_call
 from metagrad import MAML, TaskBatch, methods
 from metagrad.methods.cml import CML
 from metagrad.methods.trlearner import TRLearner, task_groups
-from metagrad.models import MLP, Conv4
-from tests.test_maml import assert_close_rel, image_batch, regression_batch
+from tests.helpers import (
+    assert_close_rel,
+    assert_directional_derivative,
+    conv64,
+    grads_of,
+    image_batch,
+    mlp64,
+    ref_adapt,
+    regression_batch,
+)
 
 F = nn.functional
-
-
-def mlp64(seed=0):
-    torch.manual_seed(seed)
-    return MLP(1, (8, 8), 1).double()
-
-
-def conv64(seed=0):
-    torch.manual_seed(seed)
-    return Conv4(1, ways=3, width=4, image_size=28).double()
-
-
-def grads_of(learner, batch):
-    out = learner.meta_loss(batch)
-    params = [p for p in learner.parameters() if p.requires_grad]
-    return out, torch.autograd.grad(out.loss, params, allow_unused=True)
-
-
-def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
-    """One task's inner loop on all parameters, by hand (torch.autograd only)."""
-    fast = dict(theta)
-    for _ in range(steps):
-        loss = loss_fn(functional_call(model, fast, (x,)), y)
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-    return fast
 
 
 def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe, own="query",
@@ -186,22 +168,9 @@ def test_finite_differences(kind):
     params = [p for p in learner.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-    analytic = sum((a * d).sum() for a, d in zip(grads, direction))
     # Conv4: a ReLU or max-pool switch makes the inner gradient, hence θ', jump; keep the steps small.
     eps = 1e-6 if kind == "mse" else 1e-7
-
-    def loss_at(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        value = learner.meta_loss(batch).loss.detach()
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.sub_(sign * eps * d)
-        return value
-
-    numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps)
 
 
 # -- composition with the other plug-ins and the learner's options --------------------------------------------------
