@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metagrad import MAML, methods
+from metagrad import MAML, Plugin, methods
 from metagrad.methods.cml import CML
 from tests.helpers import (
     assert_close_rel,
@@ -80,7 +80,8 @@ def test_co_learner_never_changes_adaptation_or_predictions(kind, head):
     plain = MAML(model, inner_lr=lr, inner_steps=steps, loss=kind, memory="graph")
     plug = CML(head=head)
     learner = MAML(model, inner_lr=lr, inner_steps=steps, loss=kind, plugins=[plug])
-    assert not plug.inner_rule
+    # CML is an outer term only: it overrides no inner-rule hook.
+    assert all(getattr(CML, h) is getattr(Plugin, h) for h in ("init_task", "prepare", "transform", "update"))
     for t in (0, 2):
         a = plain.adapt(batch.support_x[t], batch.support_y[t])
         b = learner.adapt(batch.support_x[t], batch.support_y[t])

@@ -71,8 +71,6 @@ class CxGrad(Plugin):
         >>> out.diagnostics["cxgrad.gamma.step0"]                  # γ_l per conv weight, mean over tasks
     """
 
-    inner_rule = True
-
     def __init__(self, context_dim: int = 100, context_lr: float = 1.0) -> None:
         super().__init__()
         if context_dim < 1 or context_lr < 0:

@@ -94,8 +94,6 @@ class MetaGNA(Plugin):
         >>> out.diagnostics["meta_gna.factor.step0"]               # a_l per tensor, mean over tasks
     """
 
-    inner_rule = True
-
     def __init__(self, features: str = "wn_gn", per_step: bool = False, per_sample: bool = False,
                  normalize: bool = True, constant_arbiter: bool = False, norms: str = "code") -> None:
         super().__init__()
