@@ -182,12 +182,13 @@ OPTIONS = [{}, {"adapt": "head"}, {"first_order": True}, {"learn_inner_lr": "per
 def test_with_cml_and_learner_options(kind, options):
     model, batch = (mlp64(), regression_batch(T=4)) if kind == "mse" else (conv64(), image_batch(T=4))
     tr, cml = TRLearner(), CML()
-    # ANIL on classification: features do not adapt, so P_ij = P_ii and the relation term is exactly zero.
+    # ANIL on classification: features do not adapt, so P_ij = P_ii and the relation term relates no tasks (zero
+    # here: the 16 probes cover the 6 queries, so P_ii has the probes' statistics).
     vanishes = kind == "cross_entropy" and options.get("adapt") == "head"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         learner = MAML(model, inner_lr=0.1, loss=kind, plugins=[tr, cml], **options).double()
-    assert any("identically zero" in str(w.message) for w in caught) == vanishes
+    assert any("relates no tasks" in str(w.message) for w in caught) == vanishes
     out = learner.meta_loss(batch)
     named = [(n, p) for n, p in learner.named_parameters()]
     grads = torch.autograd.grad(out.loss, [p for _, p in named])
@@ -205,6 +206,21 @@ def test_with_cml_and_learner_options(kind, options):
     alone = MAML(model, inner_lr=0.1, loss=kind, plugins=[alone_plug], **options).double()
     alone.load_state_dict({k: v for k, v in learner.state_dict().items() if not k.startswith("plugins.1.")})
     assert torch.allclose(alone.meta_loss(batch).diagnostics["trlearner.loss"], d["trlearner.loss"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("own, probe_size, zero", [("query", 6, True), ("probe", 2, True), ("query", 2, False)])
+def test_anil_relates_no_tasks_and_the_warning_says_when_the_term_is_zero(own, probe_size, zero):
+    """ANIL on Conv4: every partner's P_ij is the task's own probe features, so the heads get a zero gradient.
+    The term is zero when P_ii has the probe set's BN statistics (probes = the 6 queries, or own="probe"), but not
+    with own="query" and 2 probes of 6 queries: the warning must not claim it is identically zero."""
+    plug = TRLearner(weight=1.0, probe_size=probe_size, own=own)
+    with pytest.warns(UserWarning, match="relates no tasks") as caught:
+        learner = MAML(conv64(), inner_lr=0.4, adapt="head", plugins=[plug])
+    assert "identically zero" not in str(caught[0].message) and "statistics" in str(caught[0].message)
+    out = learner.meta_loss(image_batch(T=4))
+    assert (out.diagnostics["trlearner.loss"].abs() < 1e-12) == zero
+    (heads,) = torch.autograd.grad(out.loss, [plug.head_weights])
+    assert heads.abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("key", [k for k in methods.available() if k not in ("trlearner", "cml")])
