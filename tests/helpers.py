@@ -98,25 +98,27 @@ def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
     return fast
 
 
-def reference_meta_grad(model, batch, lr, steps, first_order, loss_fn, adapt=None):
+def reference_meta_grad(model, batch, lr, steps, first_order, loss_fn, adapt=None, transform=None, wrt=()):
     """An independent MAML: a per-task unrolled loop with torch.autograd, no metagrad code.
 
-    ``lr`` is α, or a sequence of α per inner step (its last entry reused past its end).
+    ``lr``: α, or a function ``(name, step) → α`` (learned rates). ``transform``: a function of the list of
+    inner gradients (in ``adapt`` order) returning the ones the step uses. ``wrt``: more tensors (e.g. rates)
+    to differentiate the meta-loss by, after θ.
     """
     theta = dict(model.named_parameters())
     adapt = list(theta) if adapt is None else adapt
-    rates = list(lr) if isinstance(lr, Sequence) else [lr]
+    rate = lr if callable(lr) else (lambda name, step: lr)
     total = 0.0
     for t in range(len(batch)):
         fast = dict(theta)
         for s in range(steps):
-            a = rates[min(s, len(rates) - 1)]
             loss = loss_fn(functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t])
             grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
-            fast = {**fast, **{n: fast[n] - a * g for n, g in zip(adapt, grads)}}
+            grads = grads if transform is None else transform(list(grads))
+            fast = {**fast, **{n: fast[n] - rate(n, s) * g for n, g in zip(adapt, grads)}}
         total = total + loss_fn(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
     total = total / len(batch)
-    return total, torch.autograd.grad(total, list(theta.values()))
+    return total, torch.autograd.grad(total, list(theta.values()) + list(wrt))
 
 
 # Meta-GNA: which norms are detached (the Arbiter's input, the divisor of the step) under each reading.

@@ -112,6 +112,23 @@ def test_first_order_differs_from_second_order():
     assert_close_rel(got, expected, 1e-10)
 
 
+def test_adapt_in_training_mode_keeps_the_path_to_theta_in_first_order():
+    """First order treats the inner gradients as constants, but θ' = θ − α·g still depends on θ: the gradient of
+    a query loss at adapt()'s θ' is the first-order meta-gradient. Eval mode returns no graph."""
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    batch = regression_batch()
+    learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="mse", first_order=True)
+    fast = learner.adapt(batch.support_x[0], batch.support_y[0])
+    assert all(v.requires_grad for v in fast.values())
+    query = nn.functional.mse_loss(learner.predict(fast, batch.query_x[0]), batch.query_y[0])
+    got = torch.autograd.grad(query, list(model.parameters()))
+    _, expected = reference_meta_grad(model, batch.select([0]), 0.1, 2, True, nn.functional.mse_loss)
+    assert_close_rel(got, expected, 1e-10)
+    learner.eval()
+    assert not any(v.requires_grad for v in learner.adapt(batch.support_x[0], batch.support_y[0]).values())
+
+
 def test_anil_adapts_only_the_head():
     torch.manual_seed(0)
     model = Conv4(1, ways=3, width=4).double()

@@ -3,6 +3,8 @@ finite differences, gradients to every parameter, and the options."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -199,3 +201,18 @@ def test_registry_state_dict_and_bad_input():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="unknown norms 'live'"):
         MetaGNA(norms="live")
+
+
+def test_per_step_arbiters_past_the_training_steps_reuse_the_last_trained_one():
+    """Finn's 1 training / 3 evaluation steps: one Arbiter per training step, and evaluation's later steps use
+    the trained one (the reference is handed that Arbiter alone), never an untrained Arbiter."""
+    model, batch, lr = mlp(), regression_batch(), 0.05
+    plug = MetaGNA(per_step=True)
+    learner = MAML(model, inner_lr=lr, inner_steps=1, eval_inner_steps=3, loss="mse", plugins=[plug])
+    assert len(plug.arbiters) == 1
+    opt = torch.optim.SGD(plug.parameters(), lr=0.5)
+    learner.meta_loss(batch).loss.backward()
+    opt.step()
+    trained = SimpleNamespace(arbiters=[plug.arbiters[0]], parameters=plug.arbiters[0].parameters)
+    ref_loss, _ = gna_reference(model, trained, batch, lr, 3, mse, first_order=True)
+    assert torch.allclose(learner.evaluate(batch).loss, ref_loss.detach(), rtol=1e-10)
