@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metagrad import TaskBatch
+from metagrad import Plugin, TaskBatch
 from metagrad.models import MLP, Conv4
 
 mse, ce = nn.functional.mse_loss, nn.functional.cross_entropy
@@ -44,6 +44,17 @@ def conv4(**kw):
     """A float64 Conv4 for 28×28 3-way tasks, seed 0; keyword arguments go to Conv4 (e.g. bias=True)."""
     torch.manual_seed(0)
     return Conv4(1, ways=3, width=4, image_size=28, **kw).double()
+
+
+class ScaleGrad(Plugin):
+    """A test plug-in: multiplies the inner gradient by a constant (equivalent to scaling α when alone)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def transform(self, grads, params, state, ctx):
+        return {n: self.factor * g for n, g in grads.items()}
 
 
 # -- meta-gradients -------------------------------------------------------------------------------------------------

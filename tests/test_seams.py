@@ -9,7 +9,14 @@ from torch.func import functional_call
 
 from metagrad import MAML, Plugin
 from metagrad.models import MLP
-from tests.helpers import assert_close_rel, learner_meta_grad, mse, reference_meta_grad, regression_batch
+from tests.helpers import (
+    ScaleGrad,
+    assert_close_rel,
+    learner_meta_grad,
+    mse,
+    reference_meta_grad,
+    regression_batch,
+)
 
 
 class Neutral(Plugin):
@@ -29,17 +36,6 @@ class Neutral(Plugin):
 
     def outer_term(self, ctx):
         return None
-
-
-class ScaleGrad(Plugin):
-    """Multiplies the inner gradient by a constant: equivalent to scaling α."""
-
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def transform(self, grads, params, state, ctx):
-        return {n: self.factor * g for n, g in grads.items()}
 
 
 class ShiftGrad(Plugin):
