@@ -15,6 +15,7 @@ from metagrad.methods.trlearner import TRLearner, task_groups
 from tests.helpers import (
     assert_close_rel,
     assert_directional_derivative,
+    assert_finite_gradients,
     conv64,
     grads_of,
     image_batch,
@@ -228,8 +229,10 @@ def test_composes_with_every_other_plugin(key):
     model, batch = conv64(), image_batch(T=4)
     learner = MAML(model, inner_lr=0.4, plugins=[methods.create(key), TRLearner(), CML(head="conv")]).double()
     out = learner.meta_loss(batch)
-    grads = torch.autograd.grad(out.loss, list(learner.parameters()), allow_unused=True)
-    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    named = list(learner.named_parameters())
+    grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
+    # θ, the other plug-in's parts, the relation heads and the co-learner: each a finite, non-zero gradient.
+    assert_finite_gradients(named, grads)
     assert torch.isfinite(out.diagnostics["trlearner.loss"]) and torch.isfinite(out.diagnostics["cml.loss"])
 
 
