@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/metagrad train --config sinusoid-10shot --out-dir runs/sinusoid-10shot-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

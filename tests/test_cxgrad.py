@@ -5,38 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from metagrad import MAML
 from metagrad.methods import CxGrad, create
 from metagrad.models import MLP, Conv4
-from tests.test_maml import assert_close_rel, image_batch, learner_meta_grad
-
-ce = nn.functional.cross_entropy
-CONVS = [f"blocks.{i}.conv.weight" for i in range(4)]
-def conv4(**kw):
-    torch.manual_seed(0)
-    return Conv4(1, ways=3, width=4, image_size=28, **kw).double()
-
-
-def all_grads(learner, batch):
-    out = learner.meta_loss(batch)
-    return out, torch.autograd.grad(out.loss, list(learner.parameters()))
-
-
-def cx_rescale(generator, params, c):
-    """Ŵ_l = γ_l·W_l/||W_l|| with γ = G(c), one task, written out from the spec."""
-    gamma = generator(c)
-    return {**params, **{n: gamma[i] * params[n] / params[n].norm() for i, n in enumerate(CONVS)}}
-
-
-def cx_context_start(model, generator, theta, xs, ys, dim, lr):
-    """Step (A): c = 0, one context step at θ with no graph; returns a fresh leaf."""
-    c = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
-    p = cx_rescale(generator, {n: v.detach() for n, v in theta.items()}, c)
-    (g,) = torch.autograd.grad(ce(functional_call(model, p, (xs,)), ys), [c])
-    return (c - lr * g).detach().requires_grad_()
+from tests.helpers import (
+    CONVS,
+    all_grads,
+    assert_close_rel,
+    assert_directional_derivative,
+    ce,
+    conv4,
+    cx_context_start,
+    cx_rescale,
+    image_batch,
+    learner_meta_grad,
+)
 
 
 def cx_reference(model, plug, batch, lr, steps, names, first_order=False):
@@ -148,20 +133,8 @@ def test_finite_differences_through_two_inner_steps():
     plug.init_task = lambda ctx: start[0].clone()
     torch.manual_seed(2)
     direction = [torch.randn_like(p) for p in params]
-    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
     # Small ε: the inner gradient jumps at ReLU / max-pool kinks, which Conv4 has many of.
-    eps = 1e-7
-
-    def shifted(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        return learner.meta_loss(batch).loss.detach()
-
-    plus, minus = shifted(1), shifted(-2)
-    shifted(1)
-    numeric = (plus - minus) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps=1e-7)
 
 
 def test_evaluate_runs_without_a_graph_and_registry():

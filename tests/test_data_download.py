@@ -28,8 +28,8 @@ SHARED = Path(os.environ.get("METAGRAD_DATA", Path(__file__).resolve().parents[2
 ZIPS = {"images_background.zip": SHARED / "images_background_rebuilt.zip",
         "images_evaluation.zip": SHARED / "images_evaluation_rebuilt.zip"}
 RUNS = SHARED / "official/one-shot-classification/all_runs.zip"
-pytestmark = pytest.mark.skipif(not all(p.is_file() for p in [*ZIPS.values(), RUNS]),
-                                reason="shared Omniglot zips not found (set METAGRAD_DATA)")
+pytestmark = [pytest.mark.data, pytest.mark.skipif(not all(p.is_file() for p in [*ZIPS.values(), RUNS]),
+                                                   reason="shared Omniglot zips not found (set METAGRAD_DATA)")]
 
 
 def md5(path: Path) -> str:

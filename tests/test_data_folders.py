@@ -88,6 +88,7 @@ def test_fc100_superclasses_and_cifar_groups() -> None:
     assert [len(s) for s in supers] == [12, 4, 4]
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared few-shot split lists not found")
 def test_shipped_lists_equal_the_shared_ones() -> None:
     for s in SPLITS:

@@ -42,7 +42,12 @@ def _shared_root() -> Path | None:
 
 
 ROOT = _shared_root()
-needs_data = pytest.mark.skipif(ROOT is None, reason="shared Omniglot data not found (set METAGRAD_DATA)")
+_no_data = pytest.mark.skipif(ROOT is None, reason="shared Omniglot data not found (set METAGRAD_DATA)")
+
+
+def needs_data(test):
+    """Marked ``data`` and skipped without the shared Omniglot copy."""
+    return pytest.mark.data(_no_data(test))
 SPLIT_FILES = Path(data.__file__).parent / "splits"
 
 

@@ -13,13 +13,25 @@ from torch.func import functional_call
 
 from metagrad import MAML
 from metagrad.methods import CxGrad, MetaGNA
-from tests.test_cxgrad import CONVS, ce, conv4, cx_context_start, cx_rescale
-from tests.test_maml import assert_close_rel, image_batch
-from tests.test_meta_gna import all_grads, gna_step
+from tests.helpers import (
+    CONVS,
+    ScaleGrad,
+    all_grads,
+    assert_close_rel,
+    ce,
+    conv4,
+    cx_context_start,
+    cx_rescale,
+    gna_step,
+    image_batch,
+)
 
 
-def reference(model, cx, gna, batch, lr, steps, names):
-    """CxGrad then Meta-GNA per task, torch.autograd only: step from Ŵ by α·a_l·g_l/||g_l||, g taken at Ŵ."""
+def reference(model, cx, gna, batch, lr, steps, names, scale=None):
+    """CxGrad then Meta-GNA per task, torch.autograd only: step from Ŵ by α·a_l·g_l/||g_l||, g taken at Ŵ.
+
+    ``scale``: where a ×2 gradient transform sits, "before" Meta-GNA (it sees 2g) or "after" (the step doubles).
+    """
     theta = dict(model.named_parameters())
     total = 0.0
     for t in range(len(batch)):
@@ -30,7 +42,9 @@ def reference(model, cx, gna, batch, lr, steps, names):
             gs = torch.autograd.grad(ce(functional_call(model, p, (xs,)), ys), [p[n] for n in names] + [c],
                                      create_graph=True)
             c = c - cx.context_lr * gs[-1]
-            step, _, _ = gna_step(gna.arbiters[0], [p[n] for n in names], gs[:-1])
+            grads = [2 * g for g in gs[:-1]] if scale == "before" else gs[:-1]
+            step, _, _ = gna_step(gna.arbiters[0], [p[n] for n in names], grads)
+            step = [2 * d for d in step] if scale == "after" else step
             fast = {**fast, **{n: p[n] - lr * d for n, d in zip(names, step)}}
         total = total + ce(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
     total = total / len(batch)
@@ -38,20 +52,34 @@ def reference(model, cx, gna, batch, lr, steps, names):
     return total, torch.autograd.grad(total, params)
 
 
-@pytest.mark.parametrize("gna_first", [False, True], ids=["cxgrad_then_gna", "gna_then_cxgrad"])
-def test_matches_hand_written_loop_in_either_order(gna_first):
-    model, batch, lr = conv4(), image_batch(), 0.4
-    cx, gna = CxGrad(context_dim=16, context_lr=0.5), MetaGNA()
-    plugins = [gna, cx] if gna_first else [cx, gna]
+def learner_vs_reference(plugins, cx, gna, batch, lr, scale=None):
+    model = conv4()
     learner = MAML(model, inner_lr=lr, inner_steps=2, adapt="no_norm", plugins=plugins)
     out, grads = all_grads(learner, batch)
-    ref_loss, ref = reference(model, cx, gna, batch, lr, 2, list(learner.adapted))
+    ref_loss, ref = reference(model, cx, gna, batch, lr, 2, list(learner.adapted), scale)
     n = len(list(model.parameters()))
     # all_grads follows learner.parameters(): model, then the plug-ins in the order given.
     by_plugin = {id(p): g for p, g in zip(learner.parameters(), grads)}
     grads = grads[:n] + tuple(by_plugin[id(p)] for p in [*cx.parameters(), *gna.parameters()])
     assert torch.allclose(out.loss, ref_loss, rtol=1e-10)
     assert_close_rel(grads, ref, 1e-6)
+    return out.loss
+
+
+@pytest.mark.parametrize("gna_first", [False, True], ids=["cxgrad_then_gna", "gna_then_cxgrad"])
+def test_matches_hand_written_loop_in_either_order(gna_first):
+    """The pair in either order is the same learner (CxGrad only prepares, Meta-GNA only transforms). Since
+    that alone runs one path in both orders, a ×2 transform is also put between them, where the order changes
+    the result (Meta-GNA sees 2g, or its step doubles): each order must then match its own reference, so a core
+    that ignored or reversed the order of the plug-ins would fail."""
+    batch, lr = image_batch(), 0.4
+    cx, gna = CxGrad(context_dim=16, context_lr=0.5), MetaGNA()
+    learner_vs_reference([gna, cx] if gna_first else [cx, gna], cx, gna, batch, lr)
+    scaled = [gna, ScaleGrad(2.0), cx] if gna_first else [cx, ScaleGrad(2.0), gna]
+    loss = learner_vs_reference(scaled, cx, gna, batch, lr, scale="after" if gna_first else "before")
+    other, _ = reference(conv4(), cx, gna, batch, lr, 2, list(MAML(conv4(), adapt="no_norm").adapted),
+                         scale="before" if gna_first else "after")
+    assert not torch.allclose(loss, other, rtol=1e-6)
 
 
 def test_step_starts_at_norm_gamma_and_has_norm_alpha_times_factor():

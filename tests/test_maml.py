@@ -7,48 +7,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metagrad import MAML, TaskBatch
+from metagrad import MAML
 from metagrad.models import MLP, Conv4
-
-
-def regression_batch(T=3, ns=5, nq=7, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(*(torch.randn(T, n, 1, generator=g, dtype=dtype) for n in (ns, ns, nq, nq)))
-
-
-def image_batch(T=2, ways=3, shots=1, queries=2, size=28, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).clone()
-    yq = torch.arange(ways).repeat_interleave(queries).expand(T, -1).clone()
-    return TaskBatch(torch.rand(T, ways * shots, 1, size, size, generator=g, dtype=dtype), ys,
-                     torch.rand(T, ways * queries, 1, size, size, generator=g, dtype=dtype), yq)
-
-
-def reference_meta_grad(model, batch, lr, steps, first_order, loss_fn, adapt=None):
-    """An independent MAML: a per-task unrolled loop with torch.autograd, no metagrad code."""
-    theta = dict(model.named_parameters())
-    adapt = list(theta) if adapt is None else adapt
-    total = 0.0
-    for t in range(len(batch)):
-        fast = dict(theta)
-        for _ in range(steps):
-            loss = loss_fn(functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t])
-            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
-            fast = {**fast, **{n: fast[n] - lr * g for n, g in zip(adapt, grads)}}
-        total = total + loss_fn(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
-    total = total / len(batch)
-    return total, torch.autograd.grad(total, list(theta.values()))
-
-
-def learner_meta_grad(learner, batch):
-    out = learner.meta_loss(batch)
-    return out.loss, torch.autograd.grad(out.loss, list(learner.model.parameters()))
-
-
-def assert_close_rel(a, b, rel=1e-5):
-    for x, y in zip(a, b):
-        scale = max(y.abs().max().item(), 1e-12)
-        assert (x - y).abs().max().item() / scale < rel
+from tests.helpers import (
+    assert_close_rel,
+    assert_directional_derivative,
+    image_batch,
+    learner_meta_grad,
+    reference_meta_grad,
+    regression_batch,
+)
 
 
 class Scalar(nn.Module):
@@ -124,18 +92,7 @@ def test_finite_differences_through_two_inner_steps():
     _, grads = learner_meta_grad(learner, batch)
     params = list(model.parameters())
     direction = [torch.randn_like(p) for p in params]
-    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
-    eps = 1e-6
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.add_(eps * d)
-    plus = learner.meta_loss(batch).loss.detach()
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.sub_(2 * eps * d)
-    minus = learner.meta_loss(batch).loss.detach()
-    numeric = (plus - minus) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps=1e-6)
 
 
 def test_first_order_differs_from_second_order():
@@ -153,6 +110,23 @@ def test_first_order_differs_from_second_order():
     expected = torch.autograd.grad(q, list(fast.values()))
     _, got = learner_meta_grad(MAML(model, inner_lr=0.1, loss="mse", first_order=True), batch.select([0]))
     assert_close_rel(got, expected, 1e-10)
+
+
+def test_adapt_in_training_mode_keeps_the_path_to_theta_in_first_order():
+    """First order treats the inner gradients as constants, but θ' = θ − α·g still depends on θ: the gradient of
+    a query loss at adapt()'s θ' is the first-order meta-gradient. Eval mode returns no graph."""
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    batch = regression_batch()
+    learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="mse", first_order=True)
+    fast = learner.adapt(batch.support_x[0], batch.support_y[0])
+    assert all(v.requires_grad for v in fast.values())
+    query = nn.functional.mse_loss(learner.predict(fast, batch.query_x[0]), batch.query_y[0])
+    got = torch.autograd.grad(query, list(model.parameters()))
+    _, expected = reference_meta_grad(model, batch.select([0]), 0.1, 2, True, nn.functional.mse_loss)
+    assert_close_rel(got, expected, 1e-10)
+    learner.eval()
+    assert not any(v.requires_grad for v in learner.adapt(batch.support_x[0], batch.support_y[0]).values())
 
 
 def test_anil_adapts_only_the_head():

@@ -3,6 +3,8 @@ finite differences, gradients to every parameter, and the options."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -11,52 +13,26 @@ from torch.func import functional_call
 from metagrad import MAML
 from metagrad.methods import MetaGNA, create
 from metagrad.methods.meta_gna import NORMS
-from metagrad.models import MLP, Conv4
-from tests.test_maml import assert_close_rel, image_batch, learner_meta_grad, regression_batch
-
-mse, ce = nn.functional.mse_loss, nn.functional.cross_entropy
+from metagrad.models import MLP
+from tests.helpers import (
+    DETACH,
+    all_grads,
+    assert_close_rel,
+    assert_directional_derivative,
+    ce,
+    conv4,
+    gna_step,
+    image_batch,
+    learner_meta_grad,
+    mse,
+    norm,
+    regression_batch,
+)
 
 
 def mlp():
     torch.manual_seed(0)
     return MLP(1, (8, 8), 1).double()
-
-
-def conv4(**kw):
-    torch.manual_seed(0)
-    return Conv4(1, ways=3, width=4, image_size=28, **kw).double()
-
-
-def all_grads(learner, batch):
-    """Meta-loss and its gradient w.r.t. every learner parameter (model, plug-ins, learned rates)."""
-    out = learner.meta_loss(batch)
-    return out, torch.autograd.grad(out.loss, list(learner.parameters()))
-
-
-def norm(t, detach=True):
-    return t.norm().detach() if detach else t.norm()
-
-
-# Which norms are detached (the Arbiter's input, the divisor of the step) under each reading.
-DETACH = {"code": (True, False), "detached": (True, True), "exact": (False, False)}
-
-
-def gna_step(arbiter, weights, grads, directions=None, ema=None, use_ema=False, norms="code"):
-    """One task's Meta-GNA steps (before α), written out from the spec; returns (steps, factors, new ema).
-
-    The default, "code", is the authors' code: the Arbiter reads ``torch.norm(g).detach()``, the step is
-    ``g / torch.norm(g)`` on the create_graph gradient (its norm in the graph)."""
-    arbiter_detach, divisor_detach = DETACH[norms]
-    w = torch.stack([x.norm() for x in weights])
-    n = torch.stack([norm(g, arbiter_detach) for g in grads])
-    feats = torch.cat([w, n])
-    if use_ema:
-        ema = feats if ema is None else 0.1 * feats + 0.9 * ema
-        feats = torch.cat([feats, ema])
-    z = (feats - feats.mean()) / (feats.std() + 1e-12)
-    a = arbiter(z)
-    directions = grads if directions is None else directions
-    return [a[i] * d / norm(d, divisor_detach) for i, d in enumerate(directions)], a, ema
 
 
 def gna_reference(model, plugin, batch, lr, steps, loss_fn, first_order=False, per_sample=False, use_ema=False,
@@ -176,19 +152,7 @@ def test_finite_differences_through_two_inner_steps():
     params = list(learner.parameters())
     _, grads = all_grads(learner, batch)
     direction = [torch.randn_like(p) for p in params]
-    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
-    eps = 1e-6
-
-    def shifted(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        return learner.meta_loss(batch).loss.detach()
-
-    plus, minus = shifted(1), shifted(-2)
-    shifted(1)
-    numeric = (plus - minus) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps=1e-6)
 
 
 @pytest.mark.parametrize("options", [{"per_step": True}, {"features": "wn_gn_ema"}, {"per_sample": True},
@@ -201,8 +165,8 @@ def test_options_run_on_conv4_and_get_gradients(options):
     used = list(learner.model.parameters()) + list(plug.arbiters[:2].parameters())
     grads = torch.autograd.grad(out.loss, used)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    assert len(plug.arbiters) == (3 if plug.per_step else 1)
-    # Evaluation past the last Arbiter reuses it.
+    assert len(plug.arbiters) == (2 if plug.per_step else 1)   # one per training step
+    # Evaluation past the last (trained) Arbiter reuses it.
     assert torch.isfinite(learner.evaluate(image_batch(), inner_steps=5).loss)
 
 
@@ -237,3 +201,18 @@ def test_registry_state_dict_and_bad_input():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="unknown norms 'live'"):
         MetaGNA(norms="live")
+
+
+def test_per_step_arbiters_past_the_training_steps_reuse_the_last_trained_one():
+    """Finn's 1 training / 3 evaluation steps: one Arbiter per training step, and evaluation's later steps use
+    the trained one (the reference is handed that Arbiter alone), never an untrained Arbiter."""
+    model, batch, lr = mlp(), regression_batch(), 0.05
+    plug = MetaGNA(per_step=True)
+    learner = MAML(model, inner_lr=lr, inner_steps=1, eval_inner_steps=3, loss="mse", plugins=[plug])
+    assert len(plug.arbiters) == 1
+    opt = torch.optim.SGD(plug.parameters(), lr=0.5)
+    learner.meta_loss(batch).loss.backward()
+    opt.step()
+    trained = SimpleNamespace(arbiters=[plug.arbiters[0]], parameters=plug.arbiters[0].parameters)
+    ref_loss, _ = gna_reference(model, trained, batch, lr, 3, mse, first_order=True)
+    assert torch.allclose(learner.evaluate(batch).loss, ref_loss.detach(), rtol=1e-10)

@@ -23,7 +23,9 @@ def test_every_method_has_presets():
     assert methods == set(DIAGNOSTIC)
 
 
-@pytest.mark.parametrize("preset", METHOD_PRESETS)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.data)
+                                    if config.resolve(p, []).benchmark.name in SHIPPED_DATA else p
+                                    for p in METHOD_PRESETS])
 def test_method_preset_runs_and_logs_diagnostics(preset, tmp_path):
     cfg = config.resolve(preset, [])
     if cfg.benchmark.name in USER_DATA:

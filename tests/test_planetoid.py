@@ -34,7 +34,8 @@ def _shared_root() -> Path | None:
 
 
 ROOT = _shared_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="shared Planetoid data not found (set METAGRAD_DATA)")
+pytestmark = [pytest.mark.data,
+              pytest.mark.skipif(ROOT is None, reason="shared Planetoid data not found (set METAGRAD_DATA)")]
 
 
 def make(name: str = "cora", split: str = "train", **kw: object) -> data.Benchmark:

@@ -9,13 +9,18 @@ from torch.func import functional_call
 
 from metagrad import MAML, Plugin
 from metagrad.models import MLP
-from tests.test_maml import assert_close_rel, learner_meta_grad, reference_meta_grad, regression_batch
+from tests.helpers import (
+    ScaleGrad,
+    assert_close_rel,
+    learner_meta_grad,
+    mse,
+    reference_meta_grad,
+    regression_batch,
+)
 
 
 class Neutral(Plugin):
     """Overrides every hook with the identity: must be plain MAML."""
-
-    inner_rule = True
 
     def init_task(self, ctx):
         return {"seen": torch.zeros(ctx.num_tasks, dtype=torch.float64)}
@@ -33,24 +38,20 @@ class Neutral(Plugin):
         return None
 
 
-class ScaleGrad(Plugin):
-    """Multiplies the inner gradient by a constant: equivalent to scaling α."""
+class ShiftGrad(Plugin):
+    """Adds a constant to every entry of the inner gradient: does not commute with ScaleGrad."""
 
-    inner_rule = True
-
-    def __init__(self, factor: float) -> None:
+    def __init__(self, shift: float) -> None:
         super().__init__()
-        self.factor = factor
+        self.shift = shift
 
     def transform(self, grads, params, state, ctx):
-        return {n: self.factor * g for n, g in grads.items()}
+        return {n: g + self.shift for n, g in grads.items()}
 
 
 class ScaledHead(Plugin):
     """A per-task scalar state c (reset to 0) scales the output layer: W ← (1 + c)·W before the step, and c
     takes its own gradient step, like CxGrad's context. c = 0 at the start, so the first step is plain."""
-
-    inner_rule = True
 
     def __init__(self, lr: float) -> None:
         super().__init__()
@@ -97,13 +98,21 @@ def test_neutral_plugin_is_plain_maml():
     assert all(torch.equal(a, b) for a, b in zip(grads, base))
 
 
-def test_transforms_compose_in_order():
+@pytest.mark.parametrize("scale_first", [True, False], ids=["scale_then_shift", "shift_then_scale"])
+def test_transforms_compose_in_order(scale_first):
+    """×2 and +0.1 do not commute: each order must match the hand-written loop with its own chain, and the two
+    chains give different losses (so a core that ignored or reversed the order would fail one of them)."""
     batch = regression_batch()
     model = model64()
-    _, ref = reference_meta_grad(model, batch, 0.05 * 6, 2, False, nn.functional.mse_loss)
-    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", plugins=[ScaleGrad(2.0), ScaleGrad(3.0)])
-    _, grads = learner_meta_grad(learner, batch)
-    assert_close_rel(grads, ref)
+    chains = {True: lambda gs: [2.0 * g + 0.1 for g in gs], False: lambda gs: [2.0 * (g + 0.1) for g in gs]}
+    ref_loss, ref = reference_meta_grad(model, batch, 0.05, 2, False, mse, transform=chains[scale_first])
+    other_loss, _ = reference_meta_grad(model, batch, 0.05, 2, False, mse, transform=chains[not scale_first])
+    assert not torch.allclose(ref_loss, other_loss, rtol=1e-3)
+    plugins = [ScaleGrad(2.0), ShiftGrad(0.1)] if scale_first else [ShiftGrad(0.1), ScaleGrad(2.0)]
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", plugins=plugins)
+    loss, grads = learner_meta_grad(learner, batch)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10)
+    assert_close_rel(grads, ref, 1e-8)
 
 
 def test_state_with_extras_matches_hand_written_loop():
@@ -190,6 +199,57 @@ def test_learned_inner_rates_start_at_plain_maml_and_learn(mode):
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in rate_grads)
 
 
+@pytest.mark.parametrize("mode", ["per_step", "per_element"])
+def test_learned_inner_rates_are_those_of_each_step_and_entry(mode):
+    """Distinct rates per step (LSLR) or per entry (Meta-SGD) against the hand-written loop: a core that read
+    ``rate[0]`` at every step, or one rate per tensor, would fail."""
+    batch = regression_batch()
+    model = model64()
+    learner = MAML(model, inner_lr=0.05, inner_steps=3, loss="mse", learn_inner_lr=mode).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for r in learner.inner_lr.rates.values():
+            r.copy_(0.02 + 0.06 * torch.rand(r.shape, generator=g, dtype=r.dtype))
+    rates = {n: learner.inner_lr.rates[n.replace(".", "__")] for n in learner.adapted}
+    lr = (lambda n, s: rates[n][s]) if mode == "per_step" else (lambda n, s: rates[n])
+    out = learner.meta_loss(batch)
+    wrt = list(rates.values())
+    grads = torch.autograd.grad(out.loss, list(model.parameters()) + wrt)
+    ref_loss, ref = reference_meta_grad(model, batch, lr, 3, False, mse, wrt=wrt)
+    assert torch.allclose(out.loss, ref_loss, rtol=1e-10)
+    assert_close_rel(grads, ref, 1e-8)
+
+
+def test_per_step_rates_past_the_training_steps_reuse_the_last_trained_one():
+    """Finn's 1 training / 3 evaluation steps: evaluation must not use the initial rate of an untrained step."""
+    batch = regression_batch()
+    model = model64()
+    learner = MAML(model, inner_lr=0.05, inner_steps=1, eval_inner_steps=3, loss="mse",
+                   learn_inner_lr="per_step").double()
+    assert all(r.shape == (1,) for r in learner.inner_lr.rates.values())   # one rate per training step
+    opt = torch.optim.SGD(learner.inner_lr.parameters(), lr=0.5)
+    learner.meta_loss(batch).loss.backward()
+    opt.step()
+    trained = {n: learner.inner_lr.rates[n.replace(".", "__")][0].item() for n in learner.adapted}
+    assert all(v != 0.05 for v in trained.values())
+    ref_loss, _ = reference_meta_grad(model, batch, lambda n, s: trained[n], 3, True, mse)
+    assert torch.allclose(learner.evaluate(batch).loss, ref_loss.detach(), rtol=1e-10)
+
+
+def step_query_losses(model, batch, lr, steps):
+    """Mean query loss over tasks after each inner step (second order), by hand."""
+    theta = dict(model.named_parameters())
+    per_step = [0.0] * steps
+    for t in range(len(batch)):
+        fast = dict(theta)
+        for s in range(steps):
+            loss = mse(functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+            per_step[s] = per_step[s] + mse(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
+    return [v / len(batch) for v in per_step]
+
+
 def test_multi_step_loss_weights():
     learner = MAML(model64(), inner_steps=4, loss="mse", multi_step_loss=True, msl_iterations=100)
     w0 = learner._msl_weights(4, 0)
@@ -197,17 +257,37 @@ def test_multi_step_loss_weights():
     w = learner._msl_weights(4, 50)
     assert abs(w.sum().item() - 1) < 1e-6 and w[-1] > w[0]
     assert learner._msl_weights(4, 100) is None
+
+
+@pytest.mark.parametrize("iteration", [0, 50, 100])
+def test_multi_step_loss_is_the_weighted_sum_of_the_step_query_losses(iteration):
+    """The loss and its gradient against Σ_s w_s·L_Q(θ_s), weights by hand: uniform at iteration 0; halfway
+    (50 of 100) 1/4 → 0.03/4 for the first three, 1 minus their sum for the last; the last step alone at 100."""
     batch = regression_batch()
-    out = learner.meta_loss(batch, iteration=0)
-    assert out.loss.item() != pytest.approx(out.query_loss.item())
+    model = model64()
+    learner = MAML(model, inner_lr=0.05, inner_steps=4, loss="mse", multi_step_loss=True, msl_iterations=100)
+    weights = {0: [0.25] * 4, 50: [0.12875] * 3 + [1 - 3 * 0.12875], 100: [0, 0, 0, 1]}[iteration]
+    ref_loss = sum(w * q for w, q in zip(weights, step_query_losses(model, batch, 0.05, 4)))
+    ref = torch.autograd.grad(ref_loss, list(model.parameters()))
+    out = learner.meta_loss(batch, iteration=iteration)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    assert torch.allclose(out.loss, ref_loss, rtol=1e-10)
+    assert_close_rel(grads, ref, 1e-8)
+
+
+def test_multi_step_loss_needs_annealing_iterations():
+    with pytest.raises(ValueError, match="msl_iterations >= 1"):
+        MAML(model64(), inner_steps=2, loss="mse", multi_step_loss=True)
 
 
 def test_first_order_annealing():
+    """First order (its hand-written loop) for the first 10 iterations, second order from the 10th on."""
     batch = regression_batch()
     model = model64()
-    _, fo = learner_meta_grad(MAML(model, inner_lr=0.1, loss="mse", first_order=True), batch)
+    _, fo = reference_meta_grad(model, batch, 0.1, 1, True, mse)
+    _, so = reference_meta_grad(model, batch, 0.1, 1, False, mse)
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(fo, so)) > 1e-3
     learner = MAML(model, inner_lr=0.1, loss="mse", first_order_iterations=10)
-    g_early = torch.autograd.grad(learner.meta_loss(batch, iteration=3).loss, list(model.parameters()))
-    g_late = torch.autograd.grad(learner.meta_loss(batch, iteration=10).loss, list(model.parameters()))
-    assert all(torch.allclose(a, b) for a, b in zip(g_early, fo))
-    assert not all(torch.allclose(a, b) for a, b in zip(g_late, fo))
+    for iteration, want in ((0, fo), (9, fo), (10, so), (50, so), (None, so)):
+        got = torch.autograd.grad(learner.meta_loss(batch, iteration=iteration).loss, list(model.parameters()))
+        assert_close_rel(got, want, 1e-10)

@@ -17,7 +17,7 @@ import torch
 
 from metagrad import checkpoint as ckpt
 from metagrad import config as C
-from metagrad.evaluation import evaluate_run, make_learner, mean_ci95, read_records
+from metagrad.evaluation import evaluate_run, make_learner, mean_ci95, read_records, record_scores
 from metagrad.train import Meter, RunError, flatten_diagnostics, train
 
 TIMING = ("tasks_per_s", "wall_s")
@@ -70,7 +70,8 @@ def test_run_files_and_records(tmp_path):
     run = tmp_path / "run"
     result = train(tiny(iterations=6), run, progress=False)
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "eval.json",
-                                               "curves.png", "checkpoint-00000005.pt", "checkpoint-00000006.pt"}
+                                               "scores.json", "curves.png", "checkpoint-00000005.pt",
+                                               "checkpoint-00000006.pt"}
     assert result.plot == run / "curves.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
     assert C.load(run / "config.json") == tiny(iterations=6)
     rows = metrics(run)
@@ -81,7 +82,11 @@ def test_run_files_and_records(tmp_path):
     assert {"learner", "optimizer", "iteration", "rng", "config"} <= state.keys() and state["iteration"] == 6
     assert [(r["split"], r["metric"], r["inner_steps"], r["tasks"]) for r in result.records] == [
         ("test", "mse", 0, 30), ("test", "mse", 1, 30), ("test", "mse", 10, 30)]
-    assert read_records(run) == result.records
+    # eval.json keeps each record with the key of its per-task scores, which scores.json holds.
+    stored = read_records(run)
+    assert [{k: v for k, v in r.items() if k != "scores_key"} for r in stored] == \
+        [{k: v for k, v in r.items() if k != "scores"} for r in result.records]
+    assert [record_scores(run, r) for r in stored] == [r["scores"] for r in result.records]
 
     # Resuming a finished run with more iterations continues it; the old records stay.
     longer = train(tiny(iterations=8), run, resume=True, progress=False, plot=False)

@@ -12,36 +12,19 @@ from torch.func import functional_call
 from metagrad import MAML, TaskBatch, methods
 from metagrad.methods.cml import CML
 from metagrad.methods.trlearner import TRLearner, task_groups
-from metagrad.models import MLP, Conv4
-from tests.test_maml import assert_close_rel, image_batch, regression_batch
+from tests.helpers import (
+    assert_close_rel,
+    assert_directional_derivative,
+    assert_finite_gradients,
+    conv64,
+    grads_of,
+    image_batch,
+    mlp64,
+    ref_adapt,
+    regression_batch,
+)
 
 F = nn.functional
-
-
-def mlp64(seed=0):
-    torch.manual_seed(seed)
-    return MLP(1, (8, 8), 1).double()
-
-
-def conv64(seed=0):
-    torch.manual_seed(seed)
-    return Conv4(1, ways=3, width=4, image_size=28).double()
-
-
-def grads_of(learner, batch):
-    out = learner.meta_loss(batch)
-    params = [p for p in learner.parameters() if p.requires_grad]
-    return out, torch.autograd.grad(out.loss, params, allow_unused=True)
-
-
-def ref_adapt(model, theta, x, y, lr, steps, first_order, loss_fn):
-    """One task's inner loop on all parameters, by hand (torch.autograd only)."""
-    fast = dict(theta)
-    for _ in range(steps):
-        loss = loss_fn(functional_call(model, fast, (x,)), y)
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-    return fast
 
 
 def reference_trlearner(model, batch, heads, *, lr, steps, first_order, weight, tau, groups, probe, own="query",
@@ -186,22 +169,9 @@ def test_finite_differences(kind):
     params = [p for p in learner.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-    analytic = sum((a * d).sum() for a, d in zip(grads, direction))
     # Conv4: a ReLU or max-pool switch makes the inner gradient, hence θ', jump; keep the steps small.
     eps = 1e-6 if kind == "mse" else 1e-7
-
-    def loss_at(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        value = learner.meta_loss(batch).loss.detach()
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.sub_(sign * eps * d)
-        return value
-
-    numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
-    assert abs(numeric - analytic) / abs(analytic) < 1e-6
+    assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps)
 
 
 # -- composition with the other plug-ins and the learner's options --------------------------------------------------
@@ -213,12 +183,13 @@ OPTIONS = [{}, {"adapt": "head"}, {"first_order": True}, {"learn_inner_lr": "per
 def test_with_cml_and_learner_options(kind, options):
     model, batch = (mlp64(), regression_batch(T=4)) if kind == "mse" else (conv64(), image_batch(T=4))
     tr, cml = TRLearner(), CML()
-    # ANIL on classification: features do not adapt, so P_ij = P_ii and the relation term is exactly zero.
+    # ANIL on classification: features do not adapt, so P_ij = P_ii and the relation term relates no tasks (zero
+    # here: the 16 probes cover the 6 queries, so P_ii has the probes' statistics).
     vanishes = kind == "cross_entropy" and options.get("adapt") == "head"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         learner = MAML(model, inner_lr=0.1, loss=kind, plugins=[tr, cml], **options).double()
-    assert any("identically zero" in str(w.message) for w in caught) == vanishes
+    assert any("relates no tasks" in str(w.message) for w in caught) == vanishes
     out = learner.meta_loss(batch)
     named = [(n, p) for n, p in learner.named_parameters()]
     grads = torch.autograd.grad(out.loss, [p for _, p in named])
@@ -238,13 +209,30 @@ def test_with_cml_and_learner_options(kind, options):
     assert torch.allclose(alone.meta_loss(batch).diagnostics["trlearner.loss"], d["trlearner.loss"], rtol=1e-10)
 
 
+@pytest.mark.parametrize("own, probe_size, zero", [("query", 6, True), ("probe", 2, True), ("query", 2, False)])
+def test_anil_relates_no_tasks_and_the_warning_says_when_the_term_is_zero(own, probe_size, zero):
+    """ANIL on Conv4: every partner's P_ij is the task's own probe features, so the heads get a zero gradient.
+    The term is zero when P_ii has the probe set's BN statistics (probes = the 6 queries, or own="probe"), but not
+    with own="query" and 2 probes of 6 queries: the warning must not claim it is identically zero."""
+    plug = TRLearner(weight=1.0, probe_size=probe_size, own=own)
+    with pytest.warns(UserWarning, match="relates no tasks") as caught:
+        learner = MAML(conv64(), inner_lr=0.4, adapt="head", plugins=[plug])
+    assert "identically zero" not in str(caught[0].message) and "statistics" in str(caught[0].message)
+    out = learner.meta_loss(image_batch(T=4))
+    assert (out.diagnostics["trlearner.loss"].abs() < 1e-12) == zero
+    (heads,) = torch.autograd.grad(out.loss, [plug.head_weights])
+    assert heads.abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("key", [k for k in methods.available() if k not in ("trlearner", "cml")])
 def test_composes_with_every_other_plugin(key):
     model, batch = conv64(), image_batch(T=4)
     learner = MAML(model, inner_lr=0.4, plugins=[methods.create(key), TRLearner(), CML(head="conv")]).double()
     out = learner.meta_loss(batch)
-    grads = torch.autograd.grad(out.loss, list(learner.parameters()), allow_unused=True)
-    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    named = list(learner.named_parameters())
+    grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
+    # θ, the other plug-in's parts, the relation heads and the co-learner: each a finite, non-zero gradient.
+    assert_finite_gradients(named, grads)
     assert torch.isfinite(out.diagnostics["trlearner.loss"]) and torch.isfinite(out.diagnostics["cml.loss"])
 
 

@@ -26,7 +26,9 @@ class InnerLR(nn.Module):
         inner_lr: α, and the initial value of learned rates.
         mode: "fixed" (α, not learned) | "per_step" (one learned scalar per tensor per step, LSLR) |
             "per_element" (one learned rate per entry, shared over steps, Meta-SGD).
-        steps: number of distinct steps that get their own rate ("per_step"); later steps reuse the last.
+        steps: number of distinct steps that get their own rate ("per_step"): the training inner steps, so
+            that every rate is trained; later steps (evaluation with more steps) reuse the last one, as MAML++
+            does.
 
     Example:
         >>> lr = InnerLR(["w"], [(3,)], inner_lr=0.1, mode="per_step", steps=5)

@@ -56,9 +56,11 @@ class MAML(nn.Module):
         adapt: "all" | "no_norm" (normalisation affine parameters are outer-only) | "head" (ANIL).
         loss: "cross_entropy" | "mse".
         plugins: plug-ins from :mod:`metagrad.methods`, hooks applied in this order.
-        learn_inner_lr: "fixed" | "per_step" (MAML++ LSLR) | "per_element" (Meta-SGD).
+        learn_inner_lr: "fixed" | "per_step" (MAML++ LSLR) | "per_element" (Meta-SGD). "per_step" learns one
+            rate per training inner step (``inner_steps``); evaluation with more steps reuses the last trained
+            rate for the steps past them, never an untrained one.
         multi_step_loss: MAML++ MSL: the query loss after every inner step, weights annealed to the last one
-            over ``msl_iterations`` meta-iterations.
+            over ``msl_iterations`` meta-iterations (>= 1; without annealing, leave the option off).
         first_order_iterations: MAML++ derivative-order annealing: first order for this many meta-iterations.
         memory: "auto" | "lean" | "graph". "lean" (what "auto" picks for a learner without plug-ins, outside the
             multi-step loss): tasks run in chunks and each chunk's meta-gradient is taken inside ``meta_loss``,
@@ -95,6 +97,9 @@ class MAML(nn.Module):
                              "meta-batch's graph): use memory='auto' or 'graph'")
         if task_chunk is not None and task_chunk < 1:
             raise ValueError(f"task_chunk must be >= 1 or None, got {task_chunk}")
+        if multi_step_loss and msl_iterations < 1:
+            raise ValueError(f"multi_step_loss=True needs msl_iterations >= 1 (the meta-iterations over which the "
+                             f"weights anneal to the last step), got {msl_iterations}: or set multi_step_loss=False")
         self.memory, self.task_chunk = memory, task_chunk
         self.model = model
         self.inner_steps = int(inner_steps)
@@ -105,7 +110,7 @@ class MAML(nn.Module):
         self.adapted = self._select_adapted(adapt)
         params = fn.meta_params(model)
         self.inner_lr = InnerLR(list(self.adapted), [params[n].shape for n in self.adapted], inner_lr,
-                                learn_inner_lr, max(self.inner_steps, self.eval_inner_steps))
+                                learn_inner_lr, self.inner_steps)
         self.plugins = nn.ModuleList(plugins)
         for p in self.plugins:
             if not isinstance(p, Plugin):
@@ -243,7 +248,8 @@ class MAML(nn.Module):
             return None
         progress = iteration / max(1, self.msl_iterations)
         low = 0.03 / steps
-        w = torch.full((steps,), (1.0 / steps) * (1 - progress) + low * progress)
+        # float64, cast to the loss's dtype where used: a float64 model gets its weights unrounded.
+        w = torch.full((steps,), (1.0 / steps) * (1 - progress) + low * progress, dtype=torch.float64)
         w[-1] = 1.0 - w[:-1].sum()
         return w
 
@@ -358,14 +364,19 @@ class MAML(nn.Module):
               create_graph: bool | None = None) -> fn.Params:
         """Adapt to one task (no task dimension); returns the adapted parameters by name.
 
-        ``create_graph`` defaults to second order in training mode (unless first order) and no graph in eval mode.
+        ``create_graph`` None (default): in training mode (with autograd on) the adapted parameters keep their
+        graph to θ, second order or, when ``first_order``, with the inner gradients as constants (θ' = θ − α·g
+        still depends on θ); in eval mode no graph. ``create_graph=True``: second order; ``False``: no graph at
+        all (detached from θ).
         """
+        keep_graph = create_graph
         if create_graph is None:
-            create_graph = self.training and not self.first_order and torch.is_grad_enabled()
+            keep_graph = self.training and torch.is_grad_enabled()
+            create_graph = keep_graph and not self.first_order
         steps = (self.inner_steps if self.training else self.eval_inner_steps) if inner_steps is None else inner_steps
         with torch.enable_grad():
             fast, _, _ = self._inner_loop(support_x.unsqueeze(0), support_y.unsqueeze(0), steps,
-                                          create_graph=create_graph, keep_graph=create_graph)
+                                          create_graph=create_graph, keep_graph=keep_graph)
         return fn.task_slice(fast, 0)
 
     def predict(self, fast: fn.Params, query_x: torch.Tensor) -> torch.Tensor:

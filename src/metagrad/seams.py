@@ -98,12 +98,10 @@ class OuterContext:
 class Plugin(nn.Module):
     """Base class of every plug-in; every hook defaults to the identity (plain MAML).
 
-    Subclasses set ``needs_features = True`` when ``outer_term`` reads query features, and
-    ``inner_rule = True`` when they override a Seam-1 hook (used to check combinations).
+    Subclasses set ``needs_features = True`` when ``outer_term`` reads query features.
     """
 
     needs_features: bool = False
-    inner_rule: bool = False
     name: str = "plugin"
 
     def attach(self, learner: MAML) -> None:

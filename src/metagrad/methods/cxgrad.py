@@ -52,9 +52,10 @@ class CxGrad(Plugin):
     - By the same scale invariance ∂L_t/∂c reaches c only through BN's eps, so the context moves little
       (Conv4 at init: γ(c) differs from γ(0) by ~1e-5 relative): G acts mostly as a learned per-layer γ.
       This follows the spec; it is not a numerical problem.
-    - First order (``first_order=True``) needs the core to retain the support graph when a plug-in asks for
-      the gradient of ``extras`` (it frees it today, and the query backward then fails); second order and
-      evaluation are unaffected.
+    - First order (``first_order=True``): the inner gradients (w.r.t. Ŵ, the other tensors and c) are
+      constants, but the step still starts from Ŵ, so θ and G keep their path through Ŵ = γ(c)·W/||W||; the
+      core retains the support graph for that when a plug-in asks for the gradient of ``extras``. Tested
+      against the hand-written loop in first order and with a gradient for every parameter.
     - ``scales(context, params)`` is the one place γ is computed: the tests override it to return ||W_l||,
       which makes Ŵ = W and the learner plain MAML (the spec's neutral check).
 
@@ -70,8 +71,6 @@ class CxGrad(Plugin):
         >>> out = learner.meta_loss(batch); out.loss.backward()   # θ and G get gradients
         >>> out.diagnostics["cxgrad.gamma.step0"]                  # γ_l per conv weight, mean over tasks
     """
-
-    inner_rule = True
 
     def __init__(self, context_dim: int = 100, context_lr: float = 1.0) -> None:
         super().__init__()

@@ -62,7 +62,9 @@ class MetaGNA(Plugin):
     - ``"wn_gn_ema"``: the EMA (per task and tensor, of both norms, ema ← 0.1·x + 0.9·ema) starts at the first
       observation, so step 0 sees ema = x rather than a 0.1·x artefact of a zero start. Arbiter inputs
       ``[w, n, ema_w, ema_n]`` (4L, standardised together), Lin1: 4L → 4L, Lin2: 4L → L.
-    - ``per_step``: ``max(inner_steps, eval_inner_steps)`` Arbiters; steps past the last reuse the last one.
+    - ``per_step``: one Arbiter per training inner step (``inner_steps``); evaluation with more steps (e.g.
+      Finn's 1 training / 3 test steps) reuses the last trained Arbiter past them, never an untrained one (as
+      MAML++ does with its per-step rates).
     - ``per_sample`` (OUR extension, not in the paper or the authors' code): the direction is
       ``mean_i g_{l,i}/||g_{l,i}||`` over the support samples, rescaled to unit norm (so the step norm is
       still α·a_l); n_l stays the norm of the ordinary (mean) gradient. Per-sample gradients come from N_s
@@ -94,8 +96,6 @@ class MetaGNA(Plugin):
         >>> out.diagnostics["meta_gna.factor.step0"]               # a_l per tensor, mean over tasks
     """
 
-    inner_rule = True
-
     def __init__(self, features: str = "wn_gn", per_step: bool = False, per_sample: bool = False,
                  normalize: bool = True, constant_arbiter: bool = False, norms: str = "code") -> None:
         super().__init__()
@@ -114,7 +114,7 @@ class MetaGNA(Plugin):
             raise ValueError("MetaGNA: the learner adapts no tensor, so there is nothing to arbitrate")
         ref = next(learner.model.parameters())
         width = (2 if self.features == "wn_gn" else 4) * L
-        count = max(learner.inner_steps, learner.eval_inner_steps, 1) if self.per_step else 1
+        count = max(learner.inner_steps, 1) if self.per_step else 1
         self.arbiters = nn.ModuleList(
             nn.Sequential(nn.Linear(width, width, dtype=ref.dtype, device=ref.device), nn.ReLU(),
                           nn.Linear(width, L, dtype=ref.dtype, device=ref.device), nn.Softplus())

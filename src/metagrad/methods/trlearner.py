@@ -140,11 +140,16 @@ class TRLearner(Plugin):
             self.needs_features = True
             body = [n for n in learner.adapted if not n.startswith(f"{head}.")]
             if not body:
-                # ANIL: the features are the same function of θ for every task, so P_ij = P_ii and the
-                # row-normalised mix equals P_ii: the term is exactly zero. Allowed (the spec lists ANIL), but said.
+                # ANIL: the features are the same function of θ for every task, so every partner's P_ij is the
+                # task's own features and the row-normalised mix equals them: the term relates no tasks. It is
+                # zero when P_ii is computed like the P_ij; with own="query", batch-statistics normalisation and
+                # fewer probes than queries it measures only the query-set vs probe-set statistics. Allowed (the
+                # spec lists ANIL), but said.
                 warnings.warn("TRLearner on classification with adapt='head': the features do not depend on the "
-                              "adapted head, so the relation term is identically zero; use adapt='all' or "
-                              "'no_norm' for it to act", stacklevel=3)
+                              "adapted head, so the relation term relates no tasks (it is zero, or with "
+                              "batch-statistics normalisation and fewer probes than queries only the gap between "
+                              "the query-set and probe-set statistics) and its heads get a zero gradient; use "
+                              "adapt='all' or 'no_norm' for it to act", stacklevel=3)
         else:
             self._head_names = tuple(f"{head}.{n}" if head else n for n, _ in lin.named_parameters())
             d = sum(p.numel() for p in lin.parameters())
