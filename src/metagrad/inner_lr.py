@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODES = ("fixed", "per_step", "per_element")
+from .config import INNER_LR_MODES as MODES
 
 
 def _key(name: str) -> str:

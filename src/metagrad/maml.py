@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from . import functional as fn
+from .config import ADAPT
 from .inner_lr import InnerLR
 from .losses import LOSSES, per_sample_loss, task_accuracy
 from .seams import InnerContext, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
 
-ADAPT = ("all", "no_norm", "head")
 MEMORY = ("auto", "lean", "graph")
 # memory="lean": the largest autograd graph one task chunk may hold (bytes saved for backward). On CPU 80 MiB:
 # Conv4 Omniglot 5w1s chunks of 10 tasks with 1 query per class, 4 with 5, 1 with 15 (larger chunks ran slower).

@@ -10,6 +10,8 @@ from torch import nn
 
 from metagrad.functional import check_task_dims, forward_per_task
 
+from ..config import POOLS
+
 BN_EPS = 1e-5
 
 
@@ -64,7 +66,6 @@ def _hooked(*modules: nn.Module) -> bool:
 _FUSE_MAX_K = 32
 
 # Conv4's pooling choices (see Conv4).
-POOLS = ("max", "stride", "none")
 
 # Conv4.forward_batched: how many images (tasks × images per task) one grouped computation takes at most.
 GROUP_IMAGES = 64
