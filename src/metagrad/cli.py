@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "defaults to the run's own config")
     t.add_argument("--data-root", help="folder of the benchmark's data (sets benchmark.data_root)")
     t.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.iterations=500 --set plugins=cml (repeatable)")
+                   help="override a config key, e.g. --set train.iterations=500 --set plugins=KEY (repeatable)")
     t.add_argument("--out-dir", help="run directory (default: runs/<preset>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,11 +7,11 @@ backend is gloo on CPU and nccl on CUDA (one GPU per process, ``cuda:LOCAL_RANK`
 
 Why the result equals a single process. Every rank builds the same meta-batch ``i`` (a pure function of
 ``(seed, split, i)``) and keeps a contiguous share of ``n_r`` of its ``T`` tasks (:func:`shares`). The
-single-process meta-loss is a mean over tasks (MAML's query loss, CML's co-learner loss, TRLearner's
-per-task consistency terms, MAML++'s multi-step losses), so ``(1/T) Σ_t ℓ_t = Σ_r (n_r/T) · mean_{t∈r} ℓ_t``:
+single-process meta-loss is a mean over tasks (MAML's query loss, MAML++'s multi-step losses, plug-ins'
+per-task outer terms), so ``(1/T) Σ_t ℓ_t = Σ_r (n_r/T) · mean_{t∈r} ℓ_t``:
 each rank scales the gradient of its own mean by ``n_r/T`` and an all-reduce SUM gives the single-process
 meta-gradient, up to floating-point summation order. Plug-ins that relate tasks to each other
-(TRLearner, ``group_size``) get whole groups: the meta-batch is cut into the plug-in's groups first and
+(``Plugin.task_group_size`` > 1) get whole groups: the meta-batch is cut into the plug-in's groups first and
 each rank takes whole groups, so every per-task term sees exactly the partners it has in one process.
 
 Example:
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tasks import TaskBatch
+from .tasks import TaskBatch, task_groups
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -111,19 +111,19 @@ def teardown(ctx: Context) -> None:
 
 # ------------------------------------------------------------------------------------------------ shares
 def group_size_of(learner: nn.Module) -> int | None:
-    """The task-group size the learner's plug-ins relate tasks within (TRLearner's ``group_size``), or None."""
-    sizes = {int(p.group_size) for p in getattr(learner, "plugins", ()) if isinstance(getattr(p, "group_size", None), int)}
+    """The task-group size the learner's plug-ins relate tasks within (``Plugin.task_group_size``), or None
+    when every plug-in takes independent tasks (size 1)."""
+    sizes = {int(p.task_group_size) for p in getattr(learner, "plugins", ())} - {1}
     if len(sizes) > 1:
         raise ValueError(f"plug-ins relate tasks in groups of different sizes {sorted(sizes)}: give them one group_size")
     return sizes.pop() if sizes else None
 
 
 def units(T: int, group_size: int | None = None) -> list[range]:
-    """The indivisible runs of tasks: TRLearner's groups (see ``task_groups``), else single tasks."""
-    if group_size is None:
+    """The indivisible runs of tasks: the plug-ins' groups (:func:`~metagrad.tasks.task_groups`), else single
+    tasks."""
+    if group_size is None or group_size == 1:
         return [range(t, t + 1) for t in range(T)]
-    from .methods.trlearner import task_groups
-
     return task_groups(T, group_size)
 
 
@@ -132,7 +132,7 @@ def shares(T: int, world: int, group_size: int | None = None) -> list[slice]:
 
     The ``U`` units (groups, or single tasks) are dealt in order: rank r takes ``U // world`` of them, plus one
     for the first ``U % world`` ranks. So shares differ by at most one unit, rank 0 always has work, and a
-    rank gets nothing when there are fewer units than ranks (e.g. TRLearner with ``T <= group_size``).
+    rank gets nothing when there are fewer units than ranks (e.g. a grouping plug-in with ``T <= group_size``).
     """
     us = units(T, group_size)
     base, extra = divmod(len(us), world)

@@ -5,8 +5,8 @@
 - per-sample query losses after adaptation (Meta-GNA's argument: a broad per-sample loss distribution), and their
   spread during training;
 - per-layer inner-gradient norms at the first inner step (CxGrad's argument: the head's norm dwarfs the backbone's);
-- plug-in internals when present: the Meta-GNA Arbiter's step lengths, CxGrad's γ, the TRLearner relation matrix,
-  the CML co-learner's loss / accuracy.
+- plug-in internals when present: the figures each registered plug-in declares (``Plugin.figures``: per-tensor
+  series, a matrix, its own query metric against the meta-learner's), drawn here from the specs alone.
 
 Example:
     >>> figures = plot_all(rows, Path("runs/study/report"))    # [(caption, path), ...]
@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure as MplFigure
 
 from .plots import save_figure
+from .seams import FigureSpec, LayerFigure, MatrixFigure, VersusFigure
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Row
@@ -203,9 +204,9 @@ def _keys(row: Row, prefix: str) -> list[str]:
     return [k for k in last if k.startswith(prefix)]
 
 
-def plot_plugin_series(preset: str, rows: Sequence[Row], prefix: str, what: str, ylabel: str,
-                       path: Path) -> Path | None:
-    """Per-layer series logged under ``prefix`` (Meta-GNA factors, CxGrad γ) over training, one panel per row."""
+def plot_layers(preset: str, rows: Sequence[Row], spec: LayerFigure, path: Path) -> Path | None:
+    """Per-tensor series logged under ``spec.series.key`` over training, one panel per row that logs them."""
+    prefix = spec.series.key + "/"
     having = [row for row in rows if _keys(row, prefix)]
     if not having:
         return None
@@ -218,18 +219,20 @@ def plot_plugin_series(preset: str, rows: Sequence[Row], prefix: str, what: str,
                 ax.plot(s[0], s[1], color=_color(j), label=key[len(prefix):])
         ax.set_title(row.name)
         ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(spec.series.label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    fig.suptitle(f"{preset}: {what}\n(mean over seeds)")
+    fig.suptitle(f"{preset}: {spec.title}\n(mean over seeds)")
     return _save(fig, path)
 
 
-def plot_relation(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
+def plot_matrix(preset: str, rows: Sequence[Row], spec: MatrixFigure, path: Path) -> Path | None:
+    """The last logged value of the matrix ``spec.series.key`` as a heat map, one panel per row that logs it."""
+    key = spec.series.key
     mats = []
     for row in rows:
         for run in row.runs:
-            rel = next((m["trlearner.relation"] for m in reversed(run.metrics) if "trlearner.relation" in m), None)
+            rel = next((m[key] for m in reversed(run.metrics) if key in m), None)
             if rel is not None:
                 mats.append((row, run, np.array(rel, dtype=float)))
                 break
@@ -242,23 +245,24 @@ def plot_relation(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
         ax.set_xticks(range(m.shape[1]))
         ax.set_yticks(range(m.shape[0]))
         ax.set_title(f"{row.name}, seed {run.cfg.train.seed}")
-        ax.set_xlabel("task j (within the group)")
-        ax.set_ylabel("task i")
-        fig.colorbar(im, ax=ax, label="M̃_ij: softmax over j≠i of M_ij/τ")
-    fig.suptitle(f"{preset}: TRLearner relation matrix (last logged meta-batch)")
+        ax.set_xlabel(spec.xlabel)
+        ax.set_ylabel(spec.ylabel)
+        fig.colorbar(im, ax=ax, label=spec.series.label)
+    fig.suptitle(f"{preset}: {spec.title} (last logged meta-batch)")
     return _save(fig, path)
 
 
-def plot_colearner(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
-    having = [row for row in rows if _series(row, "cml.loss") is not None]
+def plot_versus(preset: str, rows: Sequence[Row], spec: VersusFigure, path: Path) -> Path | None:
+    """A plug-in's adapted-query metric against the meta-learner's (accuracy when logged, else loss)."""
+    having = [row for row in rows if _series(row, spec.loss.key) is not None]
     if not having:
         return None
-    cls = any(_series(row, "cml.accuracy") is not None for row in having)
+    cls = any(_series(row, spec.accuracy.key) is not None for row in having)
     fig = _figure((9, 4.8))
     ax = fig.subplots()
     for i, row in enumerate(having):
-        pairs = (("cml.accuracy", "co-learner"), ("accuracy", "meta-learner")) if cls else \
-            (("cml.loss", "co-learner"), ("query_loss", "meta-learner"))
+        pairs = ((spec.accuracy.key, spec.accuracy.label), ("accuracy", "meta-learner")) if cls else \
+            ((spec.loss.key, spec.loss.label), ("query_loss", "meta-learner"))
         for (key, who), style in zip(pairs, ("--", "-")):
             s = _series(row, key)
             if s is not None:
@@ -267,15 +271,28 @@ def plot_colearner(preset: str, rows: Sequence[Row], path: Path) -> Path | None:
     ax.set_ylabel("query accuracy" if cls else "query loss (MSE)")
     if not cls:
         ax.set_yscale("log")
-    ax.set_title(f"{preset}: CML co-learner vs meta-learner\n(adapted query {'accuracy' if cls else 'loss'}, "
-                 "mean over seeds)")
+    ax.set_title(f"{preset}: {spec.title}\n(adapted query {'accuracy' if cls else 'loss'}, mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
+def plot_spec(preset: str, rows: Sequence[Row], spec: FigureSpec, path: Path) -> Path | None:
+    """A plug-in's declared figure (``Plugin.figures``), or None when no row logs its diagnostics."""
+    if isinstance(spec, LayerFigure):
+        return plot_layers(preset, rows, spec, path)
+    if isinstance(spec, MatrixFigure):
+        return plot_matrix(preset, rows, spec, path)
+    if isinstance(spec, VersusFigure):
+        return plot_versus(preset, rows, spec, path)
+    raise TypeError(f"no drawing for figure spec {type(spec).__name__}")
+
+
 def plot_all(rows: Sequence[Row], out: Path) -> list[Figure]:
     """Every figure for every preset; returns (caption, path) pairs in report order."""
+    from . import methods
+
+    specs = methods.figures()
     figures: list[Figure] = []
     presets: dict[str, list[Row]] = {}
     for row in rows:
@@ -286,17 +303,11 @@ def plot_all(rows: Sequence[Row], out: Path) -> list[Figure]:
             ("fits", plot_fits(preset, group, out / f"{preset}-fits.png")),
             ("per-sample query losses", plot_sample_losses(preset, group, out / f"{preset}-sample-losses.png")),
             ("per-layer inner-gradient norms", plot_grad_norms(preset, group, out / f"{preset}-grad-norms.png")),
-            ("Meta-GNA Arbiter step lengths", plot_plugin_series(
-                preset, group, "meta_gna.factor.step0/", "Meta-GNA Arbiter step length a_l at inner step 0",
-                "a_l (step norm = α·a_l)", out / f"{preset}-meta-gna.png")),
-            ("CxGrad γ", plot_plugin_series(preset, group, "cxgrad.gamma.step0/", "CxGrad γ_l at inner step 0",
-                                            "γ_l (conv weight norm)", out / f"{preset}-cxgrad.png")),
-            ("TRLearner relation matrix", plot_relation(preset, group, out / f"{preset}-relation.png")),
-            ("CML co-learner", plot_colearner(preset, group, out / f"{preset}-cml.png")),
         ]
+        made += [(spec.caption, plot_spec(preset, group, spec, out / f"{preset}-{spec.file}.png")) for spec in specs]
         figures += [(f"{preset}: {caption}", p) for caption, p in made if p is not None]
     return figures
 
 
-__all__ = ["plot_all", "plot_colearner", "plot_fits", "plot_grad_norms", "plot_learning_curves",
-           "plot_plugin_series", "plot_relation", "plot_sample_losses"]
+__all__ = ["plot_all", "plot_fits", "plot_grad_norms", "plot_layers", "plot_learning_curves", "plot_matrix",
+           "plot_sample_losses", "plot_spec", "plot_versus"]

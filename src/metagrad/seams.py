@@ -21,13 +21,22 @@ calls chain (each sees the previous one's parameters), ``transform`` calls chain
 final prepared parameters, every ``update`` sees the gradient of its own extras, and outer terms add up. So
 Meta-GNA after CxGrad normalises the gradient taken at CxGrad's rescaled weights Ŵ and its Arbiter reads their
 norms. Plug-ins keep per-task state in the values they return, never in attributes set during the loop.
+
+Declarations (what the rest of the package asks a plug-in instead of naming it):
+
+- ``task_group_size``: the plug-in relates consecutive tasks of a meta-batch in groups of this size (see
+  :func:`metagrad.tasks.task_groups`), so a meta-batch split across ranks keeps them whole; 1, the default, means
+  the tasks are independent and any split is fine.
+- ``figures``: the report figures its logged diagnostics make, as specs (:class:`LayerFigure`,
+  :class:`MatrixFigure`, :class:`VersusFigure`) naming the diagnostic keys and their labels; the report draws them
+  generically.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -95,14 +104,67 @@ class OuterContext:
         self.diagnostics[name] = map_tensors(torch.Tensor.detach, value)
 
 
+# Declarations: the report figures a plug-in's diagnostics make -------------------------------------------------
+@dataclass(frozen=True)
+class Series:
+    """A diagnostic a plug-in logs with ``ctx.log(key, ...)`` (its key in ``metrics.jsonl``) and its label."""
+
+    key: str
+    label: str
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One report figure per benchmark preset, ``<preset>-<file>.png``, captioned ``<preset>: <caption>``."""
+
+    file: str
+    caption: str
+    title: str
+
+
+@dataclass(frozen=True)
+class LayerFigure(FigureSpec):
+    """A per-tensor dict logged under ``series.key`` (``key/<tensor>`` in the metrics) over training: one panel
+    per method, one line per tensor, y axis labelled ``series.label``."""
+
+    series: Series
+
+
+@dataclass(frozen=True)
+class MatrixFigure(FigureSpec):
+    """A small matrix logged under ``series.key``: its last logged value as a heat map, one panel per method (its
+    first seed that logs it), colour bar labelled ``series.label``."""
+
+    series: Series
+    xlabel: str
+    ylabel: str
+
+
+@dataclass(frozen=True)
+class VersusFigure(FigureSpec):
+    """The plug-in's own adapted-query metric against the meta-learner's, a line pair per method: ``accuracy``
+    against the meta-learner's accuracy when some run logs it (classification), else ``loss`` against the query
+    loss on a log scale."""
+
+    loss: Series
+    accuracy: Series
+
+
 class Plugin(nn.Module):
     """Base class of every plug-in; every hook defaults to the identity (plain MAML).
 
-    Subclasses set ``needs_features = True`` when ``outer_term`` reads query features.
+    Subclasses set ``needs_features = True`` when ``outer_term`` reads query features, list the report figures
+    their diagnostics make in ``figures``, and override ``task_group_size`` when they relate tasks to each other.
     """
 
     needs_features: bool = False
     name: str = "plugin"
+    figures: ClassVar[tuple[FigureSpec, ...]] = ()
+
+    @property
+    def task_group_size(self) -> int:
+        """Consecutive tasks this plug-in relates (:func:`metagrad.tasks.task_groups`); 1: independent tasks."""
+        return 1
 
     def attach(self, learner: MAML) -> None:
         """Called once by the learner: validate the model and build learnable parts sized to it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,20 @@ class TaskBatch:
         idx = torch.as_tensor(index, dtype=torch.long)
         ids = None if self.task_ids is None else tuple(self.task_ids[int(i)] for i in idx)
         return TaskBatch(self.support_x[idx], self.support_y[idx], self.query_x[idx], self.query_y[idx], ids)
+
+
+def task_groups(T: int, group_size: int) -> list[range]:
+    """Consecutive groups of ``group_size`` tasks; the last one is smaller when T is not a multiple.
+
+    A last group of a single task has no partner to relate to, so it joins the previous group (which then
+    holds ``group_size + 1`` tasks). ``T <= group_size`` gives one group: the whole meta-batch. Plug-ins that
+    relate tasks (``Plugin.task_group_size``) relate them within these groups, and ranks take whole ones.
+
+    Example:
+        >>> [list(g) for g in task_groups(5, 2)]
+        [[0, 1], [2, 3, 4]]
+    """
+    bounds = list(range(0, T, group_size)) + [T]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]

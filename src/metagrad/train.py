@@ -304,8 +304,8 @@ def meta_lr(t: C.TrainConfig, it: int) -> float:
 def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -> dict[str, Any] | Fault:
     """One meta-update on training batch ``it``; returns the values to log, or a :class:`Fault` if it was skipped.
 
-    With several ranks each takes its share of the batch (whole TRLearner groups) and the gradients, scaled
-    by share/T, are summed over ranks: the single-process meta-gradient (see :mod:`metagrad.distributed`).
+    With several ranks each takes its share of the batch (whole task groups of the plug-ins) and the gradients,
+    scaled by share/T, are summed over ranks: the single-process meta-gradient (see :mod:`metagrad.distributed`).
     The logged loss, query loss and accuracy are the whole batch's; other diagnostics are rank 0's share's.
     """
     d = s.dctx

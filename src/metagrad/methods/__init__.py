@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from ..seams import Plugin
+from ..seams import FigureSpec, Plugin
 
 _REGISTRY: dict[str, Callable[..., Plugin]] = {}
 
@@ -56,6 +56,20 @@ def create(name: str, **kwargs: Any) -> Plugin:
         raise ValueError(f"plugin_args.{name}: {e}") from e
 
 
+def figures() -> list[FigureSpec]:
+    """The report figures every registered plug-in declares (``Plugin.figures``), by plug-in key.
+
+    Raises:
+        ValueError: two figures would be written to the same file.
+    """
+    _load_all()
+    specs = [spec for key in sorted(_REGISTRY) for spec in getattr(_REGISTRY[key], "figures", ())]
+    files = [spec.file for spec in specs]
+    if len(set(files)) < len(files):
+        raise ValueError(f"plug-ins declare figures with the same file name: {sorted(files)}")
+    return specs
+
+
 def checked_kwargs(name: str, cls: Callable[..., Plugin], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` converted to the types of ``cls``'s annotated keyword arguments, every float finite.
 
@@ -95,4 +109,4 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["Plugin", "available", "create", "register"]
+__all__ = ["Plugin", "available", "create", "figures", "register"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import functional as fn
 from ..losses import task_accuracy
-from ..seams import OuterContext, Plugin
+from ..seams import OuterContext, Plugin, Series, VersusFigure
 from . import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +66,8 @@ class CML(Plugin):
     """
 
     needs_features = True
+    figures = (VersusFigure(file="cml", caption="CML co-learner", title="CML co-learner vs meta-learner",
+                            loss=Series("cml.loss", "co-learner"), accuracy=Series("cml.accuracy", "co-learner")),)
 
     def __init__(self, weight: float = 1.0, head: str = "mlp") -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..functional import Params, expand_tasks
-from ..seams import InnerContext, Plugin
+from ..seams import InnerContext, LayerFigure, Plugin, Series
 from . import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +71,9 @@ class CxGrad(Plugin):
         >>> out = learner.meta_loss(batch); out.loss.backward()   # θ and G get gradients
         >>> out.diagnostics["cxgrad.gamma.step0"]                  # γ_l per conv weight, mean over tasks
     """
+
+    figures = (LayerFigure(file="cxgrad", caption="CxGrad γ", title="CxGrad γ_l at inner step 0",
+                           series=Series("cxgrad.gamma.step0", "γ_l (conv weight norm)")),)
 
     def __init__(self, context_dim: int = 100, context_lr: float = 1.0) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..functional import Params
-from ..seams import InnerContext, Plugin
+from ..seams import InnerContext, LayerFigure, Plugin, Series
 from . import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,6 +95,10 @@ class MetaGNA(Plugin):
         >>> out = learner.meta_loss(batch); out.loss.backward()   # θ and the Arbiter get gradients
         >>> out.diagnostics["meta_gna.factor.step0"]               # a_l per tensor, mean over tasks
     """
+
+    figures = (LayerFigure(file="meta-gna", caption="Meta-GNA Arbiter step lengths",
+                           title="Meta-GNA Arbiter step length a_l at inner step 0",
+                           series=Series("meta_gna.factor.step0", "a_l (step norm = α·a_l)")),)
 
     def __init__(self, features: str = "wn_gn", per_step: bool = False, per_sample: bool = False,
                  normalize: bool = True, constant_arbiter: bool = False, norms: str = "code") -> None:

@@ -7,7 +7,6 @@ description (``shared/specs/trlearner.md``), not a reproduction of the authors' 
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as fn
-from ..seams import OuterContext, Plugin
+from ..seams import MatrixFigure, OuterContext, Plugin, Series
+from ..tasks import task_groups
 from . import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,18 +29,6 @@ def _last_linear(model: nn.Module, who: str) -> tuple[str, nn.Linear]:
     if not linears:
         raise ValueError(f"{who} needs a model whose output layer is an nn.Linear; {type(model).__name__} has none")
     return linears[-1]
-
-
-def task_groups(T: int, group_size: int) -> list[range]:
-    """Consecutive groups of ``group_size`` tasks; the last one is smaller when T is not a multiple.
-
-    A last group of a single task has no partner to relate to, so it joins the previous group (which then
-    holds ``group_size + 1`` tasks). ``T <= group_size`` gives one group: the whole meta-batch.
-    """
-    bounds = list(range(0, T, group_size)) + [T]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        del bounds[-2]
-    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 @register("trlearner")
@@ -107,6 +95,10 @@ class TRLearner(Plugin):
         >>> out.loss.backward(); out.diagnostics["trlearner.relation"]   # M̃ of the first group
     """
 
+    figures = (MatrixFigure(file="relation", caption="TRLearner relation matrix", title="TRLearner relation matrix",
+                            series=Series("trlearner.relation", "M̃_ij: softmax over j≠i of M_ij/τ"),
+                            xlabel="task j (within the group)", ylabel="task i"),)
+
     def __init__(self, weight: float = 0.1, heads: int = 4, temperature: float = 0.5, group_size: int = 4,
                  probe_size: int = 16, own: str = "query", probes: str = "spread") -> None:
         super().__init__()
@@ -125,6 +117,11 @@ class TRLearner(Plugin):
         self.head_weights: nn.Parameter | None = None   # [K, d], built at attach (d depends on the model)
         self._head_names: tuple[str, ...] = ()
         self._classification = True
+
+    @property
+    def task_group_size(self) -> int:
+        """G: tasks are related within :func:`~metagrad.tasks.task_groups` of ``group_size``."""
+        return self.group_size
 
     def attach(self, learner: MAML) -> None:
         model = learner.model
