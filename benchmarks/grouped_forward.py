@@ -1,8 +1,8 @@
 """What Conv4's grouped forward over tasks gives: a second-order MAML meta-step with and without it.
 
-``metagrad`` is the default learner (Conv4.forward_batched: the tasks of a chunk as grouped convolutions, at most
-``GROUP_IMAGES`` images per call); ``metagrad[per-task]`` is the same learner on a Conv4 without
-``forward_batched`` (one ``functional_call`` per task). Omniglot 5-way 1-shot shapes (random images: the cost does
+``metagrad`` is the default learner (Conv4's registered batched forward, ``metagrad.batched.conv4``: the tasks of a
+chunk as grouped convolutions, at most ``GROUP_IMAGES`` images per call); ``metagrad[per-task]`` is the same learner
+on a Conv4 subclass without a batched forward (one ``functional_call`` per task, the module's plain forward). Omniglot 5-way 1-shot shapes (random images: the cost does
 not depend on them), Conv4-64, one inner step, for several query counts per class; ``memory="auto"`` (lean chunks,
 plain MAML's default) and ``memory="graph"`` (what plug-ins with outer terms use). The two run in interleaved
 rounds in one process on the same tasks and weights; the median of each is reported, and the ratio.
@@ -30,8 +30,8 @@ import torch
 from scaling import random_batch
 
 from metagrad import MAML
+from metagrad.batched import conv4 as conv4_module
 from metagrad.models import Conv4
-from metagrad.models import conv4 as conv4_module
 
 
 def step_seconds(learner: MAML, batch, steps: int = 2) -> float:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--memory", nargs="+", default=["auto", "graph"], choices=["auto", "lean", "graph"])
     ap.add_argument("--group-images", type=int, nargs="*", default=[],
-                    help="also time these values of conv4.GROUP_IMAGES (default: only the shipped one)")
+                    help="also time these values of batched.conv4.GROUP_IMAGES (default: only the shipped one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

@@ -203,8 +203,9 @@ class Metagrad(Impl):
 
 
 def per_task(model: nn.Module) -> nn.Module:
-    """``model`` without its ``forward_batched``: metagrad then runs the tasks one ``functional_call`` at a time
-    (the ablation of Conv4's grouped and MLP's batched forwards)."""
+    """``model`` without a batched forward: metagrad then runs the tasks one ``functional_call`` at a time (the
+    ablation of Conv4's grouped and MLP's batched forwards). A subclass: a batched forward registered for a model
+    type (metagrad.batched) serves that exact type only."""
 
     class PerTask(type(model)):
         @property

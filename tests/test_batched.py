@@ -1,7 +1,8 @@
 """The fast paths equal the plain per-task functional loop (float64, 1e-10 relative).
 
-Fast paths under test: Conv4's forward (first block fused conv+BatchNorm on unfolded patches, pooling before
-the ReLU, channels-last layout), Conv4's ``forward_batched`` (grouped convolutions over tasks), the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
+Fast paths under test: Conv4's plain forward, its registered batched forward (``metagrad.batched.conv4``): one task
+with the first block fused conv+BatchNorm on unfolded patches, pooling before the ReLU, channels-last layout, and
+grouped convolutions over tasks; the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
 ``forward_batched``, and the learner's ``memory="lean"`` meta-loss (task chunks whose meta-gradients are taken
 inside ``meta_loss``). The reference is written from the layer definitions, independent of metagrad's code.
 """
@@ -17,8 +18,8 @@ from torch.func import functional_call
 from metagrad import MAML, TaskBatch
 from metagrad import functional as fn
 from metagrad import maml as maml_module
+from metagrad.batched import conv4 as conv4_module
 from metagrad.models import MLP, Conv4
-from metagrad.models import conv4 as conv4_module
 
 REL = 1e-10
 
@@ -100,18 +101,20 @@ def test_conv4_forward_and_double_backward_match_definition(channels, size, bias
     model = randomised(Conv4(channels, ways=4, width=6, bias=bias, pool=pool, image_size=size))
     x = torch.rand(5, channels, size, size, dtype=torch.float64)
     theta = dict(model.named_parameters())
-    out, ref = model(x), conv4_reference(theta, x, pool)
-    assert_rel([out], [ref])
-    assert_same_derivatives(out, ref, list(theta.values()))
+    for forward in (model, lambda x: fn.forward_single(model, theta, x)):   # plain; fused first block, pool first
+        out, ref = forward(x), conv4_reference(theta, x, pool)
+        assert_rel([out], [ref])
+        assert_same_derivatives(out, ref, list(theta.values()))
 
 
 def test_conv4_fused_block_steps_aside_for_hooks():
     model = randomised(Conv4(1, ways=3, width=4))
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
-    fused = model(x)
+    theta = dict(model.named_parameters())
+    fused = fn.forward_single(model, theta, x)
     calls = []
     handle = model.blocks[0].conv.register_forward_hook(lambda *a: calls.append(1))
-    hooked = model(x)
+    hooked = fn.forward_single(model, theta, x)
     handle.remove()
     assert calls == [1]
     assert_rel([hooked], [fused])
@@ -192,7 +195,7 @@ def test_forward_batched_loop_equals_per_task_calls():
 ])
 def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool, group_images,
                                                                    monkeypatch):
-    """Conv4.forward_batched (grouped convolutions over tasks, per-task BN statistics) against the definition
+    """Conv4's batched forward (grouped convolutions over tasks, per-task BN statistics) against the definition
     per task: outputs, features, the map, and first and second derivatives w.r.t. the task-stacked parameters."""
     monkeypatch.setattr(conv4_module, "GROUP_IMAGES", group_images)
     model = randomised(Conv4(channels, ways=3, width=5, bias=bias, pool=pool, image_size=size))
@@ -201,13 +204,13 @@ def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, siz
     x = torch.rand(T, 4, channels, size, size, generator=g, dtype=torch.float64)
     params = {n: (p + 0.05 * torch.randn(T, *p.shape, generator=g, dtype=p.dtype)).requires_grad_()
               for n, p in fn.meta_params(model).items()}
-    out, feats = model.forward_batched(params, x, return_features=True)
+    out, feats = fn.forward_batched(model, params, x, return_features=True)
     ref = torch.stack([conv4_reference(fn.task_slice(params, t), x[t], pool) for t in range(T)])
     assert out.shape == ref.shape == (T, 4, 3)
     assert_rel([out], [ref])
     assert torch.allclose(out, torch.einsum("tnf,tof->tno", feats, params["head.weight"])
                           + params["head.bias"].unsqueeze(1), rtol=1e-12)
-    out_m, fmap = model.forward_batched(params, x, return_features="map")
+    out_m, fmap = fn.forward_batched(model, params, x, return_features="map")
     want_map = torch.stack([functional_call(model, fn.task_slice(params, t), (x[t],), {"return_features": "map"})[1]
                             for t in range(T)])
     assert_rel([out_m, fmap], [ref, want_map])
@@ -220,15 +223,15 @@ def test_conv4_grouped_forward_batched_steps_aside_for_hooks_and_checks_shapes()
     model = randomised(Conv4(1, ways=3, width=4))
     x = torch.rand(2, 3, 1, 28, 28, dtype=torch.float64)
     params = {n: p.unsqueeze(0).expand(2, *p.shape) for n, p in fn.meta_params(model).items()}
-    grouped = model.forward_batched(params, x)
+    grouped = fn.forward_batched(model, params, x)
     calls = []
     handle = model.blocks[2].bn.register_forward_hook(lambda *a: calls.append(1))
-    hooked = model.forward_batched(params, x)
+    hooked = fn.forward_batched(model, params, x)
     handle.remove()
     assert calls == [1, 1]          # the per-task loop ran: once per task
     assert_rel([hooked], [grouped])
     with pytest.raises(ValueError, match=r"expected \[T, n, 1, H, W\]"):
-        model.forward_batched(params, x[:, :, 0])
+        fn.forward_batched(model, params, x[:, :, 0])
 
 
 # -- memory="lean" against memory="graph" -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Example:
     >>> out = learner.meta_loss(bench.batch(0)); out.loss.backward()
 """
 
-from . import data, methods, models
+from . import batched, data, methods, models  # batched: registers the models' task-batched forwards
 from .maml import MAML, MetaLossOutput
 from .seams import InnerContext, OuterContext, Plugin
 from .tasks import TaskBatch
@@ -26,6 +26,7 @@ __all__ = [
            "Plugin",
            "TaskBatch",
            "__version__",
+           "batched",
            "data",
            "methods",
            "models",

@@ -1,14 +1,15 @@
 """Parameter dictionaries and functional forwards: how the learner runs a plain module with other weights.
 
-Fast parameters carry a leading task dimension: ``params[name]`` is ``[T, *shape]``. A model with a
-``forward_batched`` method runs all T tasks in one computation; any other module runs per task through
-``torch.func.functional_call`` and the outputs are stacked.
+Fast parameters carry a leading task dimension: ``params[name]`` is ``[T, *shape]``. A model type with a
+batched forward registered here (:func:`register_batched`; the kernels live in :mod:`metagrad.batched`), or a
+model with a ``forward_batched`` method, runs all T tasks in one computation; any other module runs per task
+through ``torch.func.functional_call`` and the outputs are stacked.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,6 +17,32 @@ from torch import nn
 from torch.func import functional_call
 
 Params = dict[str, torch.Tensor]
+
+# model class → its task-batched forward ``f(model, params, x, return_features)``; see register_batched.
+_BATCHED: dict[type, Callable[..., Any]] = {}
+
+
+def register_batched(model_type: type[nn.Module]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``f(model, params, x, return_features=False)`` runs T tasks of ``model_type`` at once.
+
+    For that exact class (a subclass may change ``forward``, so it runs per task). ``f`` must equal the
+    module's forward per task; :func:`forward_batched` and :func:`forward_single` use it.
+
+    Example:
+        >>> @register_batched(MyNet)
+        ... def mynet_forward_batched(model, params, x, return_features=False):
+        ...     return forward_per_task(model, params, x, return_features)   # or a faster equal computation
+    """
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        _BATCHED[model_type] = f
+        return f
+
+    return decorate
+
+
+def batched_forward_of(model: nn.Module) -> Callable[..., Any] | None:
+    """The batched forward registered for ``type(model)``, or None."""
+    return _BATCHED.get(type(model))
 
 
 def meta_params(model: nn.Module) -> Params:
@@ -43,8 +70,12 @@ def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: tor
     """Run T tasks: ``params[name]`` is ``[T, *shape]`` and ``x`` is ``[T, N, *x_shape]``.
 
     Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked; ``return_features`` is passed on as given,
-    e.g. Conv4's ``"map"``). Buffers come from the module.
+    e.g. Conv4's ``"map"``). Buffers come from the module. Runs the batched forward registered for the model's
+    type, else the model's own ``forward_batched`` method, else :func:`forward_per_task`.
     """
+    registered = batched_forward_of(model)
+    if registered is not None:
+        return registered(model, params, x, return_features)
     kwargs = {"return_features": return_features} if return_features else {}
     if hasattr(model, "forward_batched"):
         return model.forward_batched(params, x, **kwargs)
@@ -74,7 +105,12 @@ def forward_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: to
 
 def forward_single(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                    return_features: bool = False):
-    """Run one task with the (un-batched) parameters ``params``."""
+    """Run one task with the (un-batched) parameters ``params`` (through the registered batched forward, as
+    one task, where the model's type has one: the learner's numbers, bit for bit)."""
+    registered = batched_forward_of(model)
+    if registered is not None:
+        out = registered(model, {n: p.unsqueeze(0) for n, p in params.items()}, x.unsqueeze(0), return_features)
+        return (out[0][0], out[1][0]) if return_features else out[0]
     kwargs = {"return_features": True} if return_features else {}
     return functional_call(model, dict(params), (x,), kwargs)
 
