@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metagrad import data
+from metagrad import data, models
 from metagrad.data.errors import DataError
 from metagrad.data.planetoid import _read_verified, load_planetoid
 from metagrad.models.gcn import GCN
@@ -195,7 +195,7 @@ def cora() -> data.Benchmark:
 
 def test_gcn_shapes_parameters_and_feature_hook(cora: data.Benchmark) -> None:
     torch.manual_seed(0)
-    model = cora.make_model(hidden=16)
+    model = models.create("gcn", cora, hidden=16)
     names = [n for n, _ in model.named_parameters()]
     assert names == ["layers.0.weight", "layers.0.bias", "head.weight", "head.bias"]
     assert set(model.state_dict()) == set(names)  # the graph stays out of checkpoints
@@ -213,7 +213,7 @@ def test_gcn_shapes_parameters_and_feature_hook(cora: data.Benchmark) -> None:
 
 def test_gcn_functional_call_and_batched_path(cora: data.Benchmark) -> None:
     torch.manual_seed(0)
-    model = cora.make_model(hidden=8)
+    model = models.create("gcn", cora, hidden=8)
     b = cora.batch(1)
     params = {n: p.detach() + 0.1 * torch.randn(4, *p.shape) for n, p in model.named_parameters()}
     out, feats = model.forward_batched(params, b.query_x, return_features=True)
@@ -226,7 +226,7 @@ def test_gcn_functional_call_and_batched_path(cora: data.Benchmark) -> None:
 
 def test_gcn_double_and_dense_graph(cora: data.Benchmark) -> None:
     torch.manual_seed(0)
-    sparse = cora.make_model(hidden=8).double()
+    sparse = models.create("gcn", cora, hidden=8).double()
     assert sparse.adjacency.dtype == sparse.features.dtype == torch.float64 and sparse.adjacency.is_sparse
     dense = GCN(cora.graph.features.to_dense().double(), cora.graph.adjacency.to_dense().double(), 8, 2).double()
     dense.load_state_dict(sparse.state_dict())
@@ -236,7 +236,7 @@ def test_gcn_double_and_dense_graph(cora: data.Benchmark) -> None:
 
 def test_gcn_dropout_only_in_training(cora: data.Benchmark) -> None:
     torch.manual_seed(0)
-    model = cora.make_model(hidden=16, dropout=0.5)
+    model = models.create("gcn", cora, hidden=16, dropout=0.5)
     ids = cora.batch(0).support_x[0]
     out = model(ids)
     out.sum().backward()
@@ -337,7 +337,7 @@ def _meta_train_cora() -> tuple[float, float, float]:
     train = make(meta_batch_size=4, seed=0)
     probe = make(meta_batch_size=100, seed=1000)  # unseen episodes of the train classes
     test = make(split="test", meta_batch_size=100, seed=2000)
-    model = train.make_model(hidden=16)
+    model = models.create("gcn", train, hidden=16)
     before = _accuracy(model, probe)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for i in range(150):

@@ -29,10 +29,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as C
-from . import data, methods
+from . import data, methods, models
 from .data import Benchmark
 from .maml import MAML
-from .models import MLP, Conv4
 from .rundir import EVAL as EVAL_FILE
 from .rundir import SCORES as SCORES_FILE
 from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key
@@ -68,24 +67,13 @@ def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, n
 
 
 def make_model(cfg: C.Config, bench: Benchmark) -> torch.nn.Module:
-    """The base network, sized to the benchmark: ``out_dim = ways`` for classification, inputs from ``x_shape``."""
-    m, name = cfg.model, cfg.model.name
-    if name == "auto":
-        name = "mlp" if bench.task_type == "regression" else "gcn" if hasattr(bench, "graph") else "conv4"
-    if name == "mlp":
-        if len(bench.x_shape) != 1:
-            raise C.ConfigError(f"model.name=mlp needs vector inputs, {bench.name} has shape {bench.x_shape}")
-        return MLP(bench.x_shape[0], tuple(m.hidden), bench.out_dim)
-    if name == "conv4":
-        if len(bench.x_shape) != 3:
-            raise C.ConfigError(f"model.name=conv4 needs [C, H, W] images, {bench.name} has shape {bench.x_shape}")
-        return Conv4(bench.x_shape[0], bench.out_dim, m.width, m.bias, m.pool, image_size=bench.x_shape[-1])
-    if not hasattr(bench, "graph"):
-        raise C.ConfigError(f"model.name=gcn needs a graph benchmark (cora, citeseer), got {bench.name}")
-    from .models.gcn import GCN
-
-    return GCN(bench.graph.features, bench.graph.adjacency, hidden=tuple(m.hidden), out_dim=bench.out_dim,
-               dropout=m.dropout)
+    """The base network, sized to the benchmark: ``out_dim = ways`` for classification, inputs from ``x_shape``
+    (:func:`metagrad.models.create`, with the config's arguments of that model)."""
+    m = cfg.model
+    name = models.auto_name(bench) if m.name == "auto" else m.name
+    args = {"mlp": {"hidden": tuple(m.hidden)}, "conv4": {"width": m.width, "bias": m.bias, "pool": m.pool},
+            "gcn": {"hidden": tuple(m.hidden), "dropout": m.dropout}}.get(name, {})
+    return models.create(name, bench, **args)
 
 
 def make_learner(cfg: C.Config, bench: Benchmark) -> MAML:

@@ -253,7 +253,7 @@ class PlanetoidFewShot(Benchmark):
 
     A task's inputs are node ids: ``support_x`` is int64 ``[T, ways·shots]`` (class-major: ``shots`` nodes of
     label 0, then of label 1, …), ``query_x`` ``[T, ways·queries]``. The model sees the whole graph through
-    ``bench.graph`` or :meth:`make_model`. Batch ``i`` is a pure function of (seed, split, i).
+    ``bench.graph`` or ``metagrad.models.create("gcn", bench)``. Batch ``i`` is a pure function of (seed, split, i).
 
     Args:
         name: "cora" or "citeseer".
@@ -274,7 +274,7 @@ class PlanetoidFewShot(Benchmark):
         >>> batch = bench.batch(0)
         >>> batch.support_x.shape, batch.query_x.shape       # node ids
         (torch.Size([4, 10]), torch.Size([4, 20]))
-        >>> model = bench.make_model(hidden=16)             # a GCN over the whole graph, out_dim = ways
+        >>> model = metagrad.models.create("gcn", bench, hidden=16)   # a GCN over the whole graph
     """
 
     task_type = "classification"
@@ -322,12 +322,6 @@ class PlanetoidFewShot(Benchmark):
             _class_major_labels(t, self.ways, self.queries),
             task_ids=tuple(range(first, first + t)),
         )
-
-    def make_model(self, hidden: int | Sequence[int] = 16, dropout: float = 0.0) -> torch.nn.Module:
-        """A :class:`~metagrad.models.gcn.GCN` over this graph with ``out_dim = ways``."""
-        from ..models.gcn import GCN
-
-        return GCN(self.graph.features, self.graph.adjacency, hidden=hidden, out_dim=self.ways, dropout=dropout)
 
 
 def fold_classes(n_classes: int, fold: int) -> tuple[list[int], list[int]]:

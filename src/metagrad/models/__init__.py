@@ -1,11 +1,14 @@
 """Plain ``torch.nn.Module`` models. Each accepts ``forward(x, return_features=False)``.
 
-A model may also offer ``forward_batched(params, x, return_features=False)`` to run T tasks with stacked
-parameters in one computation; the learner falls back to a per-task loop otherwise.
+:func:`create` builds a benchmark's model by name. A model may offer ``forward_batched(params, x,
+return_features=False)`` to run T tasks with stacked parameters in one computation, or have one registered
+for its type (:mod:`metagrad.batched`); the learner falls back to a per-task loop otherwise. The models import
+nothing from ``functional``, ``batched``, ``data`` or ``methods``.
 """
 
 from .conv4 import Conv4
 from .gcn import GCN
 from .mlp import MLP
+from .registry import auto_name, available, create, register
 
-__all__ = ["GCN", "MLP", "Conv4"]
+__all__ = ["GCN", "MLP", "Conv4", "auto_name", "available", "create", "register"]
