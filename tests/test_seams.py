@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metagrad import MAML, Plugin
+from metagrad.inner_lr import FixedLR, PerStepLR
 from metagrad.models import MLP
 from tests.helpers import (
     ScaleGrad,
@@ -291,3 +292,14 @@ def test_first_order_annealing():
     for iteration, want in ((0, fo), (9, fo), (10, so), (50, so), (None, so)):
         got = torch.autograd.grad(learner.meta_loss(batch, iteration=iteration).loss, list(model.parameters()))
         assert_close_rel(got, want, 1e-10)
+
+
+def test_an_inner_rate_rule_given_as_an_object_equals_its_mode():
+    """``inner_lr`` may be an InnerLR rule itself; plain MAML holds a FixedLR, so the core never branches on it."""
+    batch = regression_batch()
+    model = model64()
+    assert isinstance(MAML(model, loss="mse").inner_lr, FixedLR)
+    names = [n for n, _ in model.named_parameters()]
+    by_mode = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr="per_step").double()
+    by_rule = MAML(model, inner_lr=PerStepLR(names, 0.05, steps=2), inner_steps=2, loss="mse").double()
+    assert torch.equal(by_mode.meta_loss(batch).loss, by_rule.meta_loss(batch).loss)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import functional as fn
+from . import inner_lr as lr_rules
 from .config import ADAPT
-from .inner_lr import InnerLR
 from .losses import LOSSES, per_sample_loss, task_accuracy
 from .seams import InnerContext, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
@@ -49,7 +49,8 @@ class MAML(nn.Module):
 
     Args:
         model: any ``nn.Module``; its parameters are the meta-initialisation θ.
-        inner_lr: α, the inner step size (initial value when learned).
+        inner_lr: α, the inner step size (initial value when learned), or an
+            :class:`~metagrad.inner_lr.InnerLR` rule built for the adapted tensors (``learn_inner_lr`` unused).
         inner_steps: inner steps in meta-training.
         eval_inner_steps: inner steps in evaluation (None: same as ``inner_steps``).
         first_order: FOMAML, inner gradients treated as constants.
@@ -78,7 +79,7 @@ class MAML(nn.Module):
         >>> fast = learner.adapt(support_x, support_y); pred = learner.predict(fast, query_x)
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
+    def __init__(self, model: nn.Module, inner_lr: float | lr_rules.InnerLR = 0.4, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
                  loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
                  multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0,
@@ -109,8 +110,9 @@ class MAML(nn.Module):
         self.first_order_iterations = int(first_order_iterations)
         self.adapted = self._select_adapted(adapt)
         params = fn.meta_params(model)
-        self.inner_lr = InnerLR(list(self.adapted), [params[n].shape for n in self.adapted], inner_lr,
-                                learn_inner_lr, self.inner_steps)
+        self.inner_lr = inner_lr if isinstance(inner_lr, lr_rules.InnerLR) else \
+            lr_rules.create(learn_inner_lr, list(self.adapted), [params[n].shape for n in self.adapted], inner_lr,
+                            self.inner_steps)
         self.plugins = nn.ModuleList(plugins)
         for p in self.plugins:
             if not isinstance(p, Plugin):
