@@ -10,6 +10,7 @@ from torch.func import functional_call
 from metagrad import MAML, Plugin
 from metagrad.inner_lr import FixedLR, PerStepLR
 from metagrad.models import MLP
+from metagrad.msl import MultiStepLoss
 from tests.helpers import (
     ScaleGrad,
     assert_close_rel,
@@ -253,11 +254,16 @@ def step_query_losses(model, batch, lr, steps):
 
 def test_multi_step_loss_weights():
     learner = MAML(model64(), inner_steps=4, loss="mse", multi_step_loss=True, msl_iterations=100)
-    w0 = learner._msl_weights(4, 0)
+    msl = learner.plugins[-1]
+    assert isinstance(msl, MultiStepLoss) and msl.weights(4) is None   # no iteration told yet: off
+    learner.set_iteration(0)
+    w0 = msl.weights(4)
     assert torch.allclose(w0, torch.full((4,), 0.25, dtype=w0.dtype))
-    w = learner._msl_weights(4, 50)
+    learner.set_iteration(50)
+    w = msl.weights(4)
     assert abs(w.sum().item() - 1) < 1e-6 and w[-1] > w[0]
-    assert learner._msl_weights(4, 100) is None
+    learner.set_iteration(100)
+    assert msl.weights(4) is None
 
 
 @pytest.mark.parametrize("iteration", [0, 50, 100])
@@ -270,7 +276,8 @@ def test_multi_step_loss_is_the_weighted_sum_of_the_step_query_losses(iteration)
     weights = {0: [0.25] * 4, 50: [0.12875] * 3 + [1 - 3 * 0.12875], 100: [0, 0, 0, 1]}[iteration]
     ref_loss = sum(w * q for w, q in zip(weights, step_query_losses(model, batch, 0.05, 4)))
     ref = torch.autograd.grad(ref_loss, list(model.parameters()))
-    out = learner.meta_loss(batch, iteration=iteration)
+    learner.set_iteration(iteration)
+    out = learner.meta_loss(batch)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     assert torch.allclose(out.loss, ref_loss, rtol=1e-10)
     assert_close_rel(grads, ref, 1e-8)
@@ -282,16 +289,22 @@ def test_multi_step_loss_needs_annealing_iterations():
 
 
 def test_first_order_annealing():
-    """First order (its hand-written loop) for the first 10 iterations, second order from the 10th on."""
+    """First order (its hand-written loop) for the first 10 iterations, second order from the 10th on, and
+    second order for a learner never told the iteration; ``meta_loss(first_order=...)`` overrides the order."""
     batch = regression_batch()
     model = model64()
     _, fo = reference_meta_grad(model, batch, 0.1, 1, True, mse)
     _, so = reference_meta_grad(model, batch, 0.1, 1, False, mse)
     assert max(((a - b).norm() / b.norm()).item() for a, b in zip(fo, so)) > 1e-3
     learner = MAML(model, inner_lr=0.1, loss="mse", first_order_iterations=10)
-    for iteration, want in ((0, fo), (9, fo), (10, so), (50, so), (None, so)):
-        got = torch.autograd.grad(learner.meta_loss(batch, iteration=iteration).loss, list(model.parameters()))
+    got = torch.autograd.grad(learner.meta_loss(batch).loss, list(model.parameters()))
+    assert_close_rel(got, so, 1e-10)                              # no iteration told: no schedule
+    for iteration, want in ((0, fo), (9, fo), (10, so), (50, so)):
+        learner.set_iteration(iteration)
+        got = torch.autograd.grad(learner.meta_loss(batch).loss, list(model.parameters()))
         assert_close_rel(got, want, 1e-10)
+    got = torch.autograd.grad(learner.meta_loss(batch, first_order=True).loss, list(model.parameters()))
+    assert_close_rel(got, fo, 1e-10)
 
 
 def test_an_inner_rate_rule_given_as_an_object_equals_its_mode():

@@ -300,3 +300,14 @@ def test_cosine_schedule_is_applied_logged_and_resumes_bit_for_bit(tmp_path):
     train(tiny("train.meta_lr=1e-2"), plain, progress=False, plot=False)
     p = ckpt.load_latest(plain)["learner"]
     assert any(not torch.equal(p[name], a["learner"][name]) for name in a["learner"])
+
+
+def test_the_training_loop_tells_the_maml_pp_schedules_the_iteration(tmp_path, monkeypatch):
+    """train.py, not the learner's loop, knows the meta-iteration: it reports each one before its meta_loss."""
+    from metagrad.maml import MAML
+    seen, real = [], MAML.set_iteration
+    monkeypatch.setattr(MAML, "set_iteration", lambda self, it: (seen.append(it), real(self, it))[1])
+    cfg = tiny("maml.inner_steps=2", "maml.multi_step_loss=true", "maml.msl_iterations=2",
+               "maml.first_order_iterations=1", iterations=3)
+    result = train(cfg, tmp_path / "run", progress=False, plot=False)
+    assert seen == [0, 1, 2] and result.iteration == 3

@@ -19,6 +19,7 @@ from . import functional as fn
 from . import inner_lr as lr_rules
 from .config import ADAPT
 from .losses import LOSSES, per_sample_loss, task_accuracy
+from .msl import MultiStepLoss
 from .seams import InnerContext, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
 
@@ -35,7 +36,7 @@ _SHAPE_WORDS = ("shape", "size", "mat1", "channels", "dimension", "Expected")
 class MetaLossOutput:
     """What :meth:`MAML.meta_loss` and :meth:`MAML.evaluate` return."""
 
-    loss: torch.Tensor                         # query loss (+ multi-step terms) + every plug-in's outer term
+    loss: torch.Tensor                         # query loss + every plug-in's outer term (the multi-step loss's too)
     query_loss: torch.Tensor                   # mean query loss after the last inner step, alone
     query_accuracy: torch.Tensor | None        # classification only
     task_losses: torch.Tensor                  # [T] query loss per task
@@ -60,9 +61,11 @@ class MAML(nn.Module):
         learn_inner_lr: "fixed" | "per_step" (MAML++ LSLR) | "per_element" (Meta-SGD). "per_step" learns one
             rate per training inner step (``inner_steps``); evaluation with more steps reuses the last trained
             rate for the steps past them, never an untrained one.
-        multi_step_loss: MAML++ MSL: the query loss after every inner step, weights annealed to the last one
-            over ``msl_iterations`` meta-iterations (>= 1; without annealing, leave the option off).
-        first_order_iterations: MAML++ derivative-order annealing: first order for this many meta-iterations.
+        multi_step_loss: MAML++ MSL: adds a :class:`~metagrad.msl.MultiStepLoss` outer term (the query loss after
+            every inner step, weights annealed to the last one over ``msl_iterations`` meta-iterations, >= 1;
+            without annealing, leave the option off). Its schedule follows :meth:`set_iteration`.
+        first_order_iterations: MAML++ derivative-order annealing: first order for the meta-iterations below this
+            one, as :meth:`set_iteration` reports them.
         memory: "auto" | "lean" | "graph". "lean" (what "auto" picks for a learner without plug-ins, outside the
             multi-step loss): tasks run in chunks and each chunk's meta-gradient is taken inside ``meta_loss``,
             so only one chunk's graph is ever held (peak memory of a per-task loop, no recomputation); the
@@ -74,6 +77,7 @@ class MAML(nn.Module):
     Example:
         >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
         >>> opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        >>> learner.set_iteration(it)                 # only the MAML++ schedules need it
         >>> out = learner.meta_loss(batch)            # batch: a TaskBatch
         >>> out.loss.backward(); opt.step()
         >>> fast = learner.adapt(support_x, support_y); pred = learner.predict(fast, query_x)
@@ -98,16 +102,14 @@ class MAML(nn.Module):
                              "meta-batch's graph): use memory='auto' or 'graph'")
         if task_chunk is not None and task_chunk < 1:
             raise ValueError(f"task_chunk must be >= 1 or None, got {task_chunk}")
-        if multi_step_loss and msl_iterations < 1:
-            raise ValueError(f"multi_step_loss=True needs msl_iterations >= 1 (the meta-iterations over which the "
-                             f"weights anneal to the last step), got {msl_iterations}: or set multi_step_loss=False")
+        plugins = [*plugins, *([MultiStepLoss(msl_iterations)] if multi_step_loss else [])]
         self.memory, self.task_chunk = memory, task_chunk
         self.model = model
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
         self.first_order, self.adapt_mode, self.loss_kind = bool(first_order), adapt, loss
-        self.multi_step_loss, self.msl_iterations = bool(multi_step_loss), int(msl_iterations)
         self.first_order_iterations = int(first_order_iterations)
+        self.order_now = self.first_order   # the order meta_loss takes by default; set_iteration anneals it
         self.adapted = self._select_adapted(adapt)
         params = fn.meta_params(model)
         self.inner_lr = inner_lr if isinstance(inner_lr, lr_rules.InnerLR) else \
@@ -191,7 +193,7 @@ class MAML(nn.Module):
         """Adapt T tasks at once. Returns (fast params ``[T, *shape]``, per-step query losses, diagnostics).
 
         ``keep_graph=False`` (evaluation) detaches after every step so no graph survives a step.
-        ``query`` given: the query loss after every step is also returned (multi-step loss).
+        ``query`` given: the query loss after every step is also returned (for a plug-in that records them).
         ``task_params`` given: the starting parameters ``[T, *shape]`` (default: θ expanded to T tasks).
         """
         T = support_x.shape[0]
@@ -244,31 +246,29 @@ class MAML(nn.Module):
                 step_losses.append(self.loss_of(self.forward_batched(fast, query[0]), query[1]))
         return fast, step_losses, ctx.diagnostics
 
-    def _msl_weights(self, steps: int, iteration: int | None) -> torch.Tensor | None:
-        """MAML++ multi-step loss weights, annealed from uniform to the last step; None once annealed."""
-        if not self.multi_step_loss or iteration is None or iteration >= self.msl_iterations or steps < 2:
-            return None
-        progress = iteration / max(1, self.msl_iterations)
-        low = 0.03 / steps
-        # float64, cast to the loss's dtype where used: a float64 model gets its weights unrounded.
-        w = torch.full((steps,), (1.0 / steps) * (1 - progress) + low * progress, dtype=torch.float64)
-        w[-1] = 1.0 - w[:-1].sum()
-        return w
-
     # -- public API --------------------------------------------------------------------------------------------
-    def meta_loss(self, batch: TaskBatch, iteration: int | None = None) -> MetaLossOutput:
+    def set_iteration(self, iteration: int) -> None:
+        """The meta-iteration about to run, for the MAML++ schedules: the derivative order (first order below
+        ``first_order_iterations``) and every plug-in's ``set_iteration`` (the multi-step loss weights). The
+        training loop calls it before each :meth:`meta_loss`; without it, no schedule runs."""
+        self.order_now = self.first_order or iteration < self.first_order_iterations
+        for p in self.plugins:
+            p.set_iteration(iteration)
+
+    def meta_loss(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
         """The differentiable meta-objective of a meta-batch (training mode).
 
-        ``iteration`` drives the MAML++ schedules (multi-step loss weights, derivative-order annealing).
+        ``first_order`` overrides the order of this call (default: ``first_order``, or as :meth:`set_iteration`
+        annealed it).
         """
-        first_order = self.first_order or (iteration is not None and iteration < self.first_order_iterations)
-        msl = self._msl_weights(self.inner_steps, iteration)
-        if self.memory != "graph" and not self.plugins and msl is None and torch.is_grad_enabled():
+        first_order = self.order_now if first_order is None else bool(first_order)
+        if self.memory != "graph" and all(p.neutral for p in self.plugins) and torch.is_grad_enabled():
             return self._meta_loss_lean(batch, first_order)
-        query = (batch.query_x, batch.query_y) if msl is not None else None
+        record = any(p.records_step_losses for p in self.plugins)
+        query = (batch.query_x, batch.query_y) if record else None
         fast, step_losses, diag = self._inner_loop(batch.support_x, batch.support_y, self.inner_steps,
                                                    create_graph=not first_order, keep_graph=True, query=query)
-        return self._outer(batch, fast, diag, create_graph=not first_order, step_losses=step_losses, msl=msl)
+        return self._outer(batch, fast, diag, create_graph=not first_order, step_losses=step_losses)
 
     def _meta_loss_lean(self, batch: TaskBatch, first_order: bool) -> MetaLossOutput:
         """The classic objective (no plug-ins), task chunk by task chunk, each chunk's meta-gradient taken at once.
@@ -326,8 +326,7 @@ class MAML(nn.Module):
                               torch.cat(samples), _mean_diagnostics(diags, T))
 
     def _outer(self, batch: TaskBatch, fast: fn.Params, diag: dict, create_graph: bool,
-               step_losses: list[torch.Tensor] | None = None, msl: torch.Tensor | None = None,
-               outer_terms: bool = True) -> MetaLossOutput:
+               step_losses: list[torch.Tensor] | None = None, outer_terms: bool = True) -> MetaLossOutput:
         out = self.forward_batched(fast, batch.query_x, self.needs_features)
         out, feats = out if self.needs_features else (out, None)
         self._check_targets(out, batch.query_y, "query")
@@ -335,10 +334,9 @@ class MAML(nn.Module):
         task_losses = samples.mean(dim=1)
         query_loss = task_losses.mean()
         loss = query_loss
-        if msl is not None and step_losses:
-            loss = sum(w * sl.mean() for w, sl in zip(msl.to(query_loss), step_losses))
         if outer_terms:
-            octx = OuterContext(self, batch, self.meta_params(), fast, out, feats, task_losses, create_graph, diag)
+            octx = OuterContext(self, batch, self.meta_params(), fast, out, feats, task_losses, create_graph, diag,
+                                step_losses or None)
             for p in self.plugins:
                 term = p.outer_term(octx)
                 if term is not None:
@@ -385,8 +383,8 @@ class MAML(nn.Module):
         """The model's output on ``query_x`` with adapted parameters ``fast`` (from :meth:`adapt`)."""
         return fn.forward_single(self.model, fast, query_x)
 
-    def forward(self, batch: TaskBatch, iteration: int | None = None) -> MetaLossOutput:
-        return self.meta_loss(batch, iteration)
+    def forward(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
+        return self.meta_loss(batch, first_order)
 
 
 def _mean_diagnostics(parts: list[tuple[int, dict]], total: int) -> dict:

@@ -14,7 +14,12 @@ leading task dimension T)::
 
     the core then steps   θ_l ← params_l − α_l · grads_l      (α fixed, or learned per step / per element)
 
-Seam 2, outer terms: ``outer_term(ctx)`` returns a scalar added to the meta-loss (or None).
+Seam 2, outer terms: ``outer_term(ctx)`` returns a scalar added to the meta-loss (or None). A plug-in whose
+``records_step_losses`` is true also gets the query loss after every inner step (``ctx.step_query_losses``), as
+MAML++'s multi-step loss (:mod:`metagrad.msl`) needs.
+
+Schedules: ``set_iteration(it)``, called by the training loop (through ``MAML.set_iteration``) before each
+meta-iteration, is how a plug-in learns the meta-iteration; the loop itself knows none.
 
 Composition rule (several plug-ins in one learner): hooks run in the order the plug-ins were given. ``prepare``
 calls chain (each sees the previous one's parameters), ``transform`` calls chain on the gradient taken at the
@@ -27,6 +32,9 @@ Declarations (what the rest of the package asks a plug-in instead of naming it):
 - ``task_group_size``: the plug-in relates consecutive tasks of a meta-batch in groups of this size (see
   :func:`metagrad.tasks.task_groups`), so a meta-batch split across ranks keeps them whole; 1, the default, means
   the tasks are independent and any split is fine.
+- ``records_step_losses``: the core records the query loss after every inner step for the outer terms.
+- ``neutral``: the plug-in changes nothing at present (e.g. the multi-step loss once annealed), so the learner may
+  run as plain MAML (``memory="lean"``).
 - ``figures``: the report figures its logged diagnostics make, as specs (:class:`LayerFigure`,
   :class:`MatrixFigure`, :class:`VersusFigure`) naming the diagnostic keys and their labels; the report draws them
   generically.
@@ -94,6 +102,7 @@ class OuterContext:
     query_losses: torch.Tensor       # [T]
     create_graph: bool
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    step_query_losses: list[torch.Tensor] | None = None  # [T] after each inner step, when a plug-in records them
 
     def forward(self, params: Params, x: torch.Tensor, return_features: bool = False):
         """The model with task-batched ``params`` on task-batched ``x``."""
@@ -158,6 +167,8 @@ class Plugin(nn.Module):
     """
 
     needs_features: bool = False
+    records_step_losses: bool = False
+    neutral: bool = False
     name: str = "plugin"
     figures: ClassVar[tuple[FigureSpec, ...]] = ()
 
@@ -168,6 +179,9 @@ class Plugin(nn.Module):
 
     def attach(self, learner: MAML) -> None:
         """Called once by the learner: validate the model and build learnable parts sized to it."""
+
+    def set_iteration(self, iteration: int) -> None:
+        """The meta-iteration about to run, for schedules (called by the training loop, never mid-loop)."""
 
     # Seam 1 ------------------------------------------------------------------------------------------------
     def init_task(self, ctx: InnerContext) -> Any:

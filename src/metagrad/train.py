@@ -314,9 +314,10 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
     values: dict[str, Any] = {"loss": None, "query_loss": None, "accuracy": None}
     diagnostics: dict[str, Any] = {}
     out = None
+    s.learner.set_iteration(it)   # the MAML++ schedules: derivative order, multi-step loss weights
     if len(part):
         with autocast(device, s.precision):
-            out = s.learner.meta_loss(part.to(device), iteration=it)
+            out = s.learner.meta_loss(part.to(device))
         out.loss.backward()
         values = {"loss": out.loss, "query_loss": out.query_loss, "accuracy": out.query_accuracy}
         diagnostics = {**sample_loss_quantiles(out.sample_losses), **flatten_diagnostics(out.diagnostics)}
