@@ -316,3 +316,66 @@ def test_an_inner_rate_rule_given_as_an_object_equals_its_mode():
     by_mode = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr="per_step").double()
     by_rule = MAML(model, inner_lr=PerStepLR(names, 0.05, steps=2), inner_steps=2, loss="mse").double()
     assert torch.equal(by_mode.meta_loss(batch).loss, by_rule.meta_loss(batch).loss)
+
+
+class Recorder(Plugin):
+    """Keeps what ``attach`` and the contexts hand it (test-only: plug-ins keep no such state)."""
+
+    def attach(self, view):
+        self.seen = {"attach": view}
+
+    def init_task(self, ctx):
+        self.seen["inner"] = ctx.view
+
+    def outer_term(self, ctx):
+        self.seen["outer"] = ctx.view
+
+
+def test_plugins_see_a_learner_view_not_the_learner():
+    """``attach`` and both contexts get a frozen LearnerView of the learner's model, names, counts and loss."""
+    import dataclasses
+
+    from metagrad.seams import LearnerView
+
+    batch = regression_batch()
+    model = model64()
+    rec = Recorder()
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, eval_inner_steps=3, loss="mse", adapt="head",
+                   plugins=[rec], memory="graph")
+    learner.meta_loss(batch)
+    views = rec.seen
+    assert set(views) == {"attach", "inner", "outer"}
+    for view in views.values():
+        assert isinstance(view, LearnerView) and not isinstance(view, MAML)
+        assert view.model is model and view.adapted == learner.adapted
+        assert (view.adapt_mode, view.loss_kind, view.inner_steps, view.eval_inner_steps) == ("head", "mse", 2, 3)
+        assert all(view.meta_params()[n] is p for n, p in model.named_parameters())
+        params = {n: p.unsqueeze(0).expand(len(batch), *p.shape) for n, p in model.named_parameters()}
+        out = view.forward(params, batch.support_x)
+        assert torch.equal(out, learner.forward_batched(params, batch.support_x))
+        assert torch.equal(view.loss(out, batch.support_y), learner.loss_of(out, batch.support_y))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            view.loss_kind = "cross_entropy"
+
+
+def test_no_plugin_reads_the_learner_and_seams_imports_no_maml():
+    """Plug-ins read the view only (no ``.learner``, no ``MAML``), and ``seams`` does not import ``maml``."""
+    import ast
+    from pathlib import Path
+
+    import metagrad
+
+    root = Path(metagrad.__file__).parent
+    for path in sorted((root / "methods").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.Attribute) and node.attr == "learner"), f"{path.name}: .learner"
+            assert not (isinstance(node, ast.Name) and node.id == "MAML"), f"{path.name}: names MAML"
+            if isinstance(node, ast.ImportFrom):
+                assert "maml" not in (node.module or "").split("."), f"{path.name} imports maml"
+    seams = ast.parse((root / "seams.py").read_text(encoding="utf-8"))
+    for node in ast.walk(seams):
+        if isinstance(node, ast.ImportFrom):
+            assert "maml" not in (node.module or "").split(".") and all(a.name != "maml" for a in node.names)
+        elif isinstance(node, ast.Import):
+            assert all("maml" not in a.name.split(".") for a in node.names)

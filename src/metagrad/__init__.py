@@ -13,7 +13,7 @@ Example:
 
 from . import batched, data, methods, models  # batched: registers the models' task-batched forwards
 from .maml import MAML, MetaLossOutput
-from .seams import InnerContext, OuterContext, Plugin
+from .seams import InnerContext, LearnerView, OuterContext, Plugin
 from .tasks import TaskBatch
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
            "MAML",
            "InnerContext",
+           "LearnerView",
            "MetaLossOutput",
            "OuterContext",
            "Plugin",

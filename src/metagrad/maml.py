@@ -20,7 +20,7 @@ from . import inner_lr as lr_rules
 from .config import ADAPT
 from .losses import LOSSES, per_sample_loss, task_accuracy
 from .msl import MultiStepLoss
-from .seams import InnerContext, OuterContext, Plugin, map_tensors
+from .seams import InnerContext, LearnerView, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
 
 MEMORY = ("auto", "lean", "graph")
@@ -119,7 +119,7 @@ class MAML(nn.Module):
         for p in self.plugins:
             if not isinstance(p, Plugin):
                 raise TypeError(f"plugins must be metagrad.seams.Plugin instances, got {type(p).__name__}")
-            p.attach(self)  # may decide `needs_features` from the model, so check after it
+            p.attach(self.view())  # may decide `needs_features` from the model, so check after it
             if p.needs_features and not fn.supports_features(model):
                 raise ValueError(f"plug-in {p.name!r} needs features, but {type(model).__name__}.forward has no "
                                  "return_features argument: add forward(x, return_features=False) → (out, feats)")
@@ -139,6 +139,11 @@ class MAML(nn.Module):
             raise ValueError(f"adapt='head' needs an nn.Linear head; {type(self.model).__name__} has none")
         head = linears[-1]
         return tuple(n for n in names if n.rsplit(".", 1)[0] == head)
+
+    def view(self) -> LearnerView:
+        """What plug-ins see of this learner (:class:`~metagrad.seams.LearnerView`): ``attach`` and the contexts."""
+        return LearnerView(self.model, self.adapted, self.adapt_mode, self.loss_kind, self.inner_steps,
+                           self.eval_inner_steps, self.forward_batched, self.loss_of, self.meta_params)
 
     def meta_params(self) -> fn.Params:
         """θ by name (the model's parameters)."""
@@ -204,7 +209,7 @@ class MAML(nn.Module):
             fast = fn.expand_tasks(theta, T)
         else:
             fast = dict(task_params)
-        ctx = InnerContext(self, support_x, support_y, self.adapted, create_graph)
+        ctx = InnerContext(self.view(), support_x, support_y, self.adapted, create_graph)
         states = [p.init_task(ctx) for p in self.plugins]
         step_losses = []
         for step in range(steps):
@@ -335,8 +340,8 @@ class MAML(nn.Module):
         query_loss = task_losses.mean()
         loss = query_loss
         if outer_terms:
-            octx = OuterContext(self, batch, self.meta_params(), fast, out, feats, task_losses, create_graph, diag,
-                                step_losses or None)
+            octx = OuterContext(self.view(), batch, self.meta_params(), fast, out, feats, task_losses, create_graph,
+                                diag, step_losses or None)
             for p in self.plugins:
                 term = p.outer_term(octx)
                 if term is not None:

@@ -27,6 +27,11 @@ final prepared parameters, every ``update`` sees the gradient of its own extras,
 Meta-GNA after CxGrad normalises the gradient taken at CxGrad's rescaled weights Ŵ and its Arbiter reads their
 norms. Plug-ins keep per-task state in the values they return, never in attributes set during the loop.
 
+The view: plug-ins never see the learner itself. ``attach(view)`` and both contexts (``ctx.view``) give a
+:class:`LearnerView`, the few things a plug-in may read: the model, the adapted tensor names, the adapt mode, the
+loss kind, the inner step counts, the batched forward, the loss, and θ. The learner builds it; adding a learner
+attribute never widens what plug-ins can depend on.
+
 Declarations (what the rest of the package asks a plug-in instead of naming it):
 
 - ``task_group_size``: the plug-in relates consecutive tasks of a meta-batch in groups of this size (see
@@ -52,15 +57,31 @@ from torch import nn
 from .functional import Params
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .maml import MAML
     from .tasks import TaskBatch
+
+
+@dataclass(frozen=True)
+class LearnerView:
+    """What a plug-in may know about the learner it is attached to (built by the learner, read-only)."""
+
+    model: nn.Module                 # the model; its parameters are θ
+    adapted: tuple[str, ...]         # names of the tensors the inner loop updates, in parameter order
+    adapt_mode: str                  # "all" | "no_norm" | "head"
+    loss_kind: str                   # "cross_entropy" | "mse"
+    inner_steps: int                 # inner steps in meta-training
+    eval_inner_steps: int            # inner steps in evaluation (by default)
+    # forward(params, x, return_features=False): the model with task-batched params [T, *shape] on x [T, N, ...]
+    forward: Callable[..., Any]
+    # loss(output, target, per_sample=False): [T] mean loss per task ([T, N] with per_sample)
+    loss: Callable[..., torch.Tensor]
+    meta_params: Callable[[], Params]  # θ by name, un-batched (live: the model's current parameters)
 
 
 @dataclass
 class InnerContext:
     """What an inner-rule hook may look at for one meta-batch of T tasks."""
 
-    learner: MAML
+    view: LearnerView
     support_x: torch.Tensor          # [T, N_s, *x_shape]
     support_y: torch.Tensor          # [T, N_s] or [T, N_s, out]
     adapted: tuple[str, ...]         # names of the tensors the inner loop updates, in parameter order
@@ -74,11 +95,11 @@ class InnerContext:
 
     def forward(self, params: Params, x: torch.Tensor | None = None, return_features: bool = False):
         """The model on ``x`` (default: the support inputs) with task-batched ``params``."""
-        return self.learner.forward_batched(params, self.support_x if x is None else x, return_features)
+        return self.view.forward(params, self.support_x if x is None else x, return_features)
 
     def support_losses(self, params: Params, per_sample: bool = False) -> torch.Tensor:
         """Support loss per task ``[T]`` (or per sample ``[T, N_s]``) at ``params``."""
-        return self.learner.loss_of(self.forward(params), self.support_y, per_sample)
+        return self.view.loss(self.forward(params), self.support_y, per_sample)
 
     def log(self, name: str, value: Any) -> None:
         """Record a diagnostic (tensors are stored detached) for this meta-batch."""
@@ -93,7 +114,7 @@ class OuterContext:
     (e.g. a gradient as meta-data) wraps that part in ``torch.enable_grad()``.
     """
 
-    learner: MAML
+    view: LearnerView
     batch: TaskBatch
     meta_params: Params              # θ, un-batched
     fast_params: Params              # θ' per task, [T, *shape] (every parameter, adapted or not)
@@ -106,7 +127,7 @@ class OuterContext:
 
     def forward(self, params: Params, x: torch.Tensor, return_features: bool = False):
         """The model with task-batched ``params`` on task-batched ``x``."""
-        return self.learner.forward_batched(params, x, return_features)
+        return self.view.forward(params, x, return_features)
 
     def log(self, name: str, value: Any) -> None:
         """Record a diagnostic (tensors are stored detached) for this meta-batch."""
@@ -177,8 +198,8 @@ class Plugin(nn.Module):
         """Consecutive tasks this plug-in relates (:func:`metagrad.tasks.task_groups`); 1: independent tasks."""
         return 1
 
-    def attach(self, learner: MAML) -> None:
-        """Called once by the learner: validate the model and build learnable parts sized to it."""
+    def attach(self, view: LearnerView) -> None:
+        """Called once by the learner with its view: validate the model and build learnable parts sized to it."""
 
     def set_iteration(self, iteration: int) -> None:
         """The meta-iteration about to run, for schedules (called by the training loop, never mid-loop)."""

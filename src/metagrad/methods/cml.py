@@ -6,18 +6,13 @@ official code https://github.com/JJongyn/CML (``maml/model_cml.py``, ``train_cml
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from .. import functional as fn
 from ..losses import task_accuracy
-from ..seams import OuterContext, Plugin, Series, VersusFigure
+from ..seams import LearnerView, OuterContext, Plugin, Series, VersusFigure
 from . import register
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..maml import MAML
 
 HEADS = ("mlp", "conv")
 
@@ -80,8 +75,8 @@ class CML(Plugin):
         self.needs_features = head == "mlp"
         self.co_learner: nn.Module | None = None   # built at attach: its sizes depend on the model
 
-    def attach(self, learner: MAML) -> None:
-        model = learner.model
+    def attach(self, view: LearnerView) -> None:
+        model = view.model
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(f"CML needs a model whose output layer is an nn.Linear; {type(model).__name__} has none")
@@ -107,7 +102,7 @@ class CML(Plugin):
         assert self.co_learner is not None, "CML is used before a learner attached it"
         logits = self._co_logits(ctx)
         y = ctx.batch.query_y
-        losses = ctx.learner.loss_of(logits, y)
+        losses = ctx.view.loss(logits, y)
         ctx.log("cml.loss", losses.mean())
         if ctx.batch.is_classification:
             ctx.log("cml.accuracy", task_accuracy(logits, y).mean())
@@ -121,5 +116,5 @@ class CML(Plugin):
             return self.co_learner(ctx.query_features)   # Linear layers act on the last dim: task-batched
         # All tasks' maps in one batched forward (Conv4: grouped convolutions), then φ per task (its BN takes the
         # statistics of that task's query set).
-        _, fmaps = fn.forward_batched(ctx.learner.model, ctx.fast_params, ctx.batch.query_x, return_features="map")
+        _, fmaps = ctx.forward(ctx.fast_params, ctx.batch.query_x, return_features="map")
         return torch.stack([self.co_learner(fmap) for fmap in fmaps.unbind(0)])

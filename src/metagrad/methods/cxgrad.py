@@ -6,17 +6,12 @@ Specification: ``cxgrad.md`` (follows the official code, a MAML++ fork).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..functional import Params, expand_tasks
-from ..seams import InnerContext, LayerFigure, Plugin, Series
+from ..seams import InnerContext, LayerFigure, LearnerView, Plugin, Series
 from . import register
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..maml import MAML
 
 
 @register("cxgrad")
@@ -83,8 +78,8 @@ class CxGrad(Plugin):
         self.conv_names: tuple[str, ...] = ()
         self.generator: nn.Module | None = None      # built by attach(), sized to the model's conv weights
 
-    def attach(self, learner: MAML) -> None:
-        model = learner.model
+    def attach(self, view: LearnerView) -> None:
+        model = view.model
         convs = [(m, mod) for m, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
         what = type(model).__name__
         if not convs:
@@ -97,9 +92,9 @@ class CxGrad(Plugin):
         if not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
             raise ValueError(f"CxGrad needs BatchNorm after every conv (its scale invariance); {what} has none")
         weights = {f"{m}.weight" if m else "weight" for m, _ in convs}
-        self.conv_names = tuple(n for n in learner.adapted if n in weights)
+        self.conv_names = tuple(n for n in view.adapted if n in weights)
         if not self.conv_names:
-            raise ValueError(f"CxGrad rescales adapted conv weights, but adapt={learner.adapt_mode!r} adapts none "
+            raise ValueError(f"CxGrad rescales adapted conv weights, but adapt={view.adapt_mode!r} adapts none "
                              "of them: use adapt='all' or 'no_norm'")
         ref, d = next(model.parameters()), self.context_dim
         self.generator = nn.Sequential(nn.Linear(d, d, dtype=ref.dtype, device=ref.device), nn.ReLU(),
@@ -123,7 +118,7 @@ class CxGrad(Plugin):
         return out, gamma
 
     def init_task(self, ctx: InnerContext) -> torch.Tensor:
-        theta = {n: p.detach() for n, p in ctx.learner.meta_params().items()}
+        theta = {n: p.detach() for n, p in ctx.view.meta_params().items()}
         ref = theta[self.conv_names[0]]
         c = torch.zeros(ctx.num_tasks, self.context_dim, dtype=ref.dtype, device=ref.device, requires_grad=True)
         # Step (A): one context step before the inner loop, as a constant (no graph to θ or G).

@@ -6,17 +6,14 @@ learning", Knowledge-Based Systems, 2025 (doi 10.1016/j.knosys.2025.114443). Spe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..functional import Params
-from ..seams import InnerContext, LayerFigure, Plugin, Series
+from ..seams import InnerContext, LayerFigure, LearnerView, Plugin, Series
 from . import register
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..maml import MAML
 
 FEATURES = ("wn_gn", "wn_gn_ema")
 NORMS = ("code", "detached", "exact")   # which gradient norms stay in the graph, see the class docstring
@@ -112,13 +109,13 @@ class MetaGNA(Plugin):
         self.constant_arbiter = bool(constant_arbiter)
         self.arbiters = nn.ModuleList()      # built by attach(), sized to the adapted tensors
 
-    def attach(self, learner: MAML) -> None:
-        L = len(learner.adapted)
+    def attach(self, view: LearnerView) -> None:
+        L = len(view.adapted)
         if L == 0:
             raise ValueError("MetaGNA: the learner adapts no tensor, so there is nothing to arbitrate")
-        ref = next(learner.model.parameters())
+        ref = next(view.model.parameters())
         width = (2 if self.features == "wn_gn" else 4) * L
-        count = max(learner.inner_steps, 1) if self.per_step else 1
+        count = max(view.inner_steps, 1) if self.per_step else 1
         self.arbiters = nn.ModuleList(
             nn.Sequential(nn.Linear(width, width, dtype=ref.dtype, device=ref.device), nn.ReLU(),
                           nn.Linear(width, L, dtype=ref.dtype, device=ref.device), nn.Softplus())

@@ -8,19 +8,15 @@ description (``shared/specs/trlearner.md``), not a reproduction of the authors' 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as fn
-from ..seams import MatrixFigure, OuterContext, Plugin, Series
+from ..seams import LearnerView, MatrixFigure, OuterContext, Plugin, Series
 from ..tasks import task_groups
 from . import register
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..maml import MAML
 
 
 def _last_linear(model: nn.Module, who: str) -> tuple[str, nn.Linear]:
@@ -123,10 +119,10 @@ class TRLearner(Plugin):
         """G: tasks are related within :func:`~metagrad.tasks.task_groups` of ``group_size``."""
         return self.group_size
 
-    def attach(self, learner: MAML) -> None:
-        model = learner.model
+    def attach(self, view: LearnerView) -> None:
+        model = view.model
         head, lin = _last_linear(model, "TRLearner")
-        self._classification = learner.loss_kind == "cross_entropy"
+        self._classification = view.loss_kind == "cross_entropy"
         if self._classification:
             if not fn.supports_features(model):
                 raise ValueError(f"TRLearner (classification) needs features, but {type(model).__name__}.forward "
@@ -135,7 +131,7 @@ class TRLearner(Plugin):
             # Ask for query features: P_ii reads them (own="query", or probes = the whole query set). Correct
             # either way: without them (a core that reads the flag before attach) P_ii repeats the query forward.
             self.needs_features = True
-            body = [n for n in learner.adapted if not n.startswith(f"{head}.")]
+            body = [n for n in view.adapted if not n.startswith(f"{head}.")]
             if not body:
                 # ANIL: the features are the same function of θ for every task, so every partner's P_ij is the
                 # task's own features and the row-normalised mix equals them: the term relates no tasks. It is
@@ -167,7 +163,7 @@ class TRLearner(Plugin):
             # enable_grad: evaluate(outer_terms=True) runs outer terms under no_grad.
             with torch.enable_grad():
                 params = {**params, **{n: params[n].clone().requires_grad_() for n in self._head_names}}
-                losses = ctx.learner.loss_of(ctx.forward(params, batch.support_x), batch.support_y)
+                losses = ctx.view.loss(ctx.forward(params, batch.support_x), batch.support_y)
                 grads = torch.autograd.grad(losses.sum(), [params[n] for n in self._head_names])
             m = torch.cat([g.flatten(1) for g in grads], dim=1)
         return F.normalize(m.detach(), dim=1)
@@ -196,7 +192,7 @@ class TRLearner(Plugin):
         cls = batch.is_classification
         if cls != self._classification:
             raise ValueError(f"TRLearner was attached for {'classification' if self._classification else 'regression'}"
-                             f" (loss={ctx.learner.loss_kind!r}) but got a {'classification' if cls else 'regression'}"
+                             f" (loss={ctx.view.loss_kind!r}) but got a {'classification' if cls else 'regression'}"
                              " batch")
         groups = task_groups(T, self.group_size)
         rel = self.relation(self.meta_data(ctx), groups)
