@@ -120,7 +120,7 @@ def per_task_metric(learner: MAML, bench: Benchmark, tasks: int, inner_steps: Se
     """Per-task accuracy or MSE ``[tasks]`` for each inner-step count, on the first ``tasks`` tasks of ``bench``.
 
     The learner is put in eval mode (dropout off) for the duration and restored afterwards. ``digest``: a
-    ``hashlib`` object fed with every evaluated task's tensors (see :func:`task_digest`).
+    ``hashlib`` object fed with every evaluated task's tensors (a record's ``task_set``).
     """
     was_training = learner.training
     learner.eval()
@@ -143,14 +143,6 @@ def _feed(digest: Any, batch: Any) -> None:
     for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y):
         digest.update(str((t.dtype, tuple(t.shape))).encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-
-
-def task_digest(bench: Benchmark, tasks: int) -> str:
-    """A short digest of the tensors of the first ``tasks`` tasks of ``bench``: equal digests, same tasks."""
-    h = hashlib.blake2b(digest_size=8)
-    for batch in bench.tasks(tasks):
-        _feed(h, batch)
-    return h.hexdigest()
 
 
 def evaluate(learner: MAML, bench: Benchmark, tasks: int, inner_steps: Sequence[int],
@@ -276,5 +268,4 @@ __all__ = [
     "read_scores",
     "record_scores",
     "scores_key",
-    "task_digest",
 ]

@@ -96,18 +96,23 @@ class Row:
     runs: list[Run]
     overrides: list[str] = field(default_factory=list)  # resolved config vs the preset, seed aside
     variant: str = ""
+    _stats: dict[tuple[str, int], Stat] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return f"{self.method} {self.variant}".strip()
 
     def stats(self) -> dict[tuple[str, int], Stat]:
-        """(evaluated benchmark, inner steps) → statistics over the row's seeds."""
-        by: dict[tuple[str, int], list[tuple[Run, dict[str, Any]]]] = {}
-        for run in self.runs:
-            for r in run.records:
-                by.setdefault((r.get("benchmark", run.cfg.benchmark.name), int(r["inner_steps"])), []).append((run, r))
-        return {k: seed_stat(v) for k, v in by.items()}
+        """(evaluated benchmark, inner steps) → statistics over the row's seeds (computed once per row: the
+        comparisons and every table read them)."""
+        if self._stats is None:
+            by: dict[tuple[str, int], list[tuple[Run, dict[str, Any]]]] = {}
+            for run in self.runs:
+                for r in run.records:
+                    key = (r.get("benchmark", run.cfg.benchmark.name), int(r["inner_steps"]))
+                    by.setdefault(key, []).append((run, r))
+            self._stats = {k: seed_stat(v) for k, v in by.items()}
+        return self._stats
 
 
 @dataclass
