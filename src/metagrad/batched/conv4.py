@@ -24,12 +24,13 @@ GROUP_IMAGES = 64
 _FUSE_MAX_K = 32
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook watches these modules (then the module's own forward runs, so the hooks fire)."""
+def _hooked(model: nn.Module) -> bool:
+    """Whether a forward hook watches the model or one of its modules (then the module's own forward runs, so
+    the hooks fire)."""
     from torch.nn.modules import module as m
 
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+        mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
 @register_batched(Conv4)
@@ -50,7 +51,7 @@ def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: t
     watches the model or one of its layers, the module's own forward runs per task, so the hooks fire.
     """
     blocks = list(model.blocks)
-    if _hooked(model, model.head, *blocks, *(m for b in blocks for m in (b.conv, b.bn))):
+    if _hooked(model):
         return forward_per_task(model, params, x, return_features)
     if x.dim() != 5 or x.shape[2] != blocks[0].conv.in_channels:
         raise ValueError(f"Conv4.forward_batched: x of shape {list(x.shape)} does not fit: expected "
@@ -92,9 +93,9 @@ def _forward_one(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tens
         z = _normalised(block, params, f"blocks.{i}.", x)
         if return_features == "map" and i == len(blocks) - 1:
             fmap = torch.relu(z)
-            x = F.max_pool2d(fmap, 2) if block.pool == "max" else fmap
+            x = F.max_pool2d(fmap, 2) if model.pool == "max" else fmap
             return F.linear(model.features_of(x), params["head.weight"], params["head.bias"]), fmap
-        x = _pool_relu(z, block.pool)
+        x = _pool_relu(z, model.pool)
     feats = model.features_of(x)
     out = F.linear(feats, params["head.weight"], params["head.bias"])
     return (out, feats) if return_features else out
@@ -189,7 +190,7 @@ def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.
         if i == 0 and block.conv.bias is None and block.conv.in_channels * 9 <= _FUSE_MAX_K:
             y = _conv_bn_fused_tasks(x, w, params[pre + "bn.weight"], params[pre + "bn.bias"], block.bn.eps,
                                      block.conv.stride[0])
-            y = _pool_relu(y, block.pool)                                              # [T·n, O, h, w]
+            y = _pool_relu(y, model.pool)                                              # [T·n, O, h, w]
             # NCHW for every T (for T = 1 the reshape alone would keep the channels-last strides, and the
             # convolution kernel, hence the rounding, would depend on the number of tasks).
             z = y.reshape(t, n, *y.shape[1:]).transpose(0, 1).reshape(n, -1, *y.shape[2:]).contiguous()
@@ -205,7 +206,7 @@ def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.
                          True, 0.0, block.bn.eps)
         if return_features == "map" and i == len(blocks) - 1:
             fmap = torch.relu(z)
-        z = _pool_relu(z, block.pool)
+        z = _pool_relu(z, model.pool)
     feats = model.features_of(z).reshape(n, t, -1).transpose(0, 1)                    # [T, n, F]
     out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
     if return_features == "map":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import POOLS
@@ -13,7 +12,11 @@ BN_EPS = 1e-5
 
 class ConvBlock(nn.Module):
     """Conv2d 3×3 → BatchNorm2d (batch statistics always) → ReLU → MaxPool2d(2); with ``pool="stride"`` the
-    convolution has stride 2 and nothing pools, with ``pool="none"`` neither."""
+    convolution has stride 2 and nothing pools, with ``pool="none"`` neither (``self.pool`` is then an identity).
+
+    Each step is a module, so a forward (pre-)hook on one reads its input: ``blocks.{i}.pool``'s input is block
+    i's map before its pooling.
+    """
 
     def __init__(self, in_channels: int, width: int, bias: bool, pool: str) -> None:
         super().__init__()
@@ -21,15 +24,11 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=bias)
         # Batch statistics in training and evaluation alike: the convention of every MAML code base.
         self.bn = nn.BatchNorm2d(width, eps=BN_EPS, affine=True, track_running_stats=False)
-        self.pool = pool
-
-    def pre_pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's activation before its pooling."""
-        return torch.relu(self.bn(self.conv(x)))
+        self.relu = nn.ReLU()
+        self.pool: nn.Module = nn.MaxPool2d(2) if pool == "max" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pre_pool(x)
-        return F.max_pool2d(x, 2) if self.pool == "max" else x
+        return self.pool(self.relu(self.bn(self.conv(x))))
 
 
 def out_size(size: int, k: int, stride: int) -> int:
@@ -103,8 +102,8 @@ class Conv4(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         last = self.blocks[-1]
-        fmap = last.pre_pool(x)
-        x = F.max_pool2d(fmap, 2) if last.pool == "max" else fmap
+        fmap = last.relu(last.bn(last.conv(x)))
+        x = last.pool(fmap)
         return self.head(self.features_of(x)), fmap
 
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
