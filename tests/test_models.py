@@ -64,7 +64,7 @@ def test_conv4_batched_forward_is_registered_for_its_exact_type():
 
 def test_conv4_is_the_module_of_the_spec():
     """api.md: 4 blocks of [Conv2d 3×3 → BatchNorm2d (batch statistics) → ReLU → MaxPool2d(2)], then flatten →
-    Linear; each step a module (a hook on one reads its input)."""
+    Linear; forward(x, return_features=False) and nothing else (no extra outputs or attributes for a plug-in)."""
     model = models.Conv4(1, ways=5, width=8, image_size=28)
     for block in model.blocks:
         kinds = [(name, type(m)) for name, m in block.named_children()]
@@ -76,6 +76,7 @@ def test_conv4_is_the_module_of_the_spec():
         *(f"blocks.{i}.{p}" for i in range(4) for p in ("conv.weight", "bn.weight", "bn.bias")),
         "head.weight", "head.bias"]
     assert list(inspect.signature(models.Conv4.forward).parameters) == ["self", "x", "return_features"]
+    assert not hasattr(model, "map_shape")
     x = torch.rand(3, 1, 28, 28)
     out, feats = model(x, return_features=True)
     assert feats.shape == (3, 8) and torch.equal(out, model(x)) and torch.equal(out, model.head(feats))

@@ -77,11 +77,10 @@ def supports_features(model: nn.Module) -> bool:
 
 
 def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                    return_features: bool | str = False, tap: str | None = None):
+                    return_features: bool = False, tap: str | None = None):
     """Run T tasks: ``params[name]`` is ``[T, *shape]`` and ``x`` is ``[T, N, *x_shape]``.
 
-    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked; ``return_features`` is passed on as given,
-    e.g. Conv4's ``"map"``). ``tap``: the name of a submodule (as in
+    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked). ``tap``: the name of a submodule (as in
     ``named_modules()``); returns ``(output, its input)``, the input ``[T, *shape it has per task]``
     (:func:`tapped`; not with ``return_features``). Buffers come from the module. Runs the batched forward
     registered for the model's type (for a tap only when it knows that name), else the model's own
@@ -110,7 +109,7 @@ def check_task_dims(params: Mapping[str, torch.Tensor], T: int) -> None:
 
 
 def forward_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     return_features: bool | str = False, tap: str | None = None):
+                     return_features: bool = False, tap: str | None = None):
     """``forward_batched`` as a loop: ``functional_call`` once per task, outputs stacked (any module)."""
     kwargs = {"return_features": return_features} if return_features else {}
     one = tapped(model, tap) if tap is not None else \

@@ -47,7 +47,7 @@ def _tap_block(model: Conv4, tap: str | None) -> int | None:
 
 @register_batched(Conv4, taps=conv4_taps)
 def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                          return_features: bool | str = False, tap: str | None = None):
+                          return_features: bool = False, tap: str | None = None):
     """T tasks at once: ``params[name]`` is ``[T, *shape]``, ``x`` is ``[T, n, C, H, W]``.
 
     The tasks' feature maps are laid side by side along the channels, ``[n, T·C, H, W]``, so each block is
@@ -64,8 +64,6 @@ def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: t
     ``tap`` (one of :func:`conv4_taps`): returns ``(output, the input of that module)``, as the generic path does.
     """
     blocks = list(model.blocks)
-    if return_features == "map":      # the last block's map before its pooling
-        return conv4_forward_batched(model, params, x, tap=f"blocks.{len(blocks) - 1}.pool")
     if tap is not None and tap not in conv4_taps(model):
         raise ValueError(f"conv4_forward_batched: unknown tap {tap!r} (known: {sorted(conv4_taps(model))}); "
                          "use functional.forward_batched, which runs any other tap generically")

@@ -45,8 +45,9 @@ class Conv4(nn.Module):
     ``named_parameters()`` order: per block ``conv.weight, [conv.bias], bn.weight, bn.bias``; then
     ``head.weight, head.bias``.
 
-    ``forward(x, return_features="map")`` returns ``(output, map)``, ``map`` the last block's activation before
-    its pooling, ``[N, *self.map_shape]`` (CML's conv co-learner reads it).
+    Every step of a block is a module (``blocks.{i}.conv``, ``.bn``, ``.relu``, ``.pool``), so an intermediate
+    activation is read with a hook on the module it enters, e.g. ``functional.forward_batched(model, params, x,
+    tap="blocks.3.pool")`` for the last block's map before its pooling.
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for the ImageNet-style sets).
@@ -82,29 +83,15 @@ class Conv4(nn.Module):
         if s < 1:
             raise ValueError(f"Conv4: image_size {image_size} is too small for four 2× poolings")
         self.feature_dim = width if pool == "stride" else width * s * s
-        # Shape of the last block's map before its pooling, for forward(x, return_features="map") (CML's conv head).
-        pre = image_size // 8 if pool == "max" else s
-        self.map_shape = (width, pre, pre)
         self.head = nn.Linear(self.feature_dim, ways)
         self.width, self.pool, self.has_bias = width, pool, bias
 
-    def forward(self, x: torch.Tensor, return_features: bool | str = False):
-        if return_features == "map":
-            return self._forward_map(x)
+    def forward(self, x: torch.Tensor, return_features: bool = False):
         for block in self.blocks:
             x = block(x)
         feats = self.features_of(x)
         out = self.head(feats)
         return (out, feats) if return_features else out
-
-    def _forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, map)``: map is the last block's activation before its pooling, ``[N, *map_shape]``."""
-        for block in self.blocks[:-1]:
-            x = block(x)
-        last = self.blocks[-1]
-        fmap = last.relu(last.bn(last.conv(x)))
-        x = last.pool(fmap)
-        return self.head(self.features_of(x)), fmap
 
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input from the last block's output ``[N, C, s, s]``: flattened, or averaged over the
