@@ -120,15 +120,11 @@ def test_conv4_fused_block_steps_aside_for_hooks():
     assert_rel([hooked], [fused])
 
 
-def test_conv4_features_and_map_keep_their_meaning():
+def test_conv4_features_keep_their_meaning():
     model = randomised(Conv4(1, ways=3, width=4))
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
     out, feats = model(x, return_features=True)
     assert feats.shape == (4, 4) and torch.allclose(out, model.head(feats), rtol=1e-12)
-    if "map" in Conv4.forward.__code__.co_consts or hasattr(model, "map_shape"):
-        out_m, fmap = model(x, return_features="map")
-        assert_rel([out_m], [out])
-        assert fmap.shape == (4, *model.map_shape)
 
 
 # -- the learner's fast paths against the reference loop ---------------------------------------------------------
@@ -196,7 +192,8 @@ def test_forward_batched_loop_equals_per_task_calls():
 def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, size, bias, pool, group_images,
                                                                    monkeypatch):
     """Conv4's batched forward (grouped convolutions over tasks, per-task BN statistics) against the definition
-    per task: outputs, features, the map, and first and second derivatives w.r.t. the task-stacked parameters."""
+    per task: outputs, features, and first and second derivatives w.r.t. the task-stacked parameters (its taps:
+    tests/test_taps.py)."""
     monkeypatch.setattr(conv4_module, "GROUP_IMAGES", group_images)
     model = randomised(Conv4(channels, ways=3, width=5, bias=bias, pool=pool, image_size=size))
     T = 3
@@ -210,10 +207,6 @@ def test_conv4_grouped_forward_batched_matches_per_task_definition(channels, siz
     assert_rel([out], [ref])
     assert torch.allclose(out, torch.einsum("tnf,tof->tno", feats, params["head.weight"])
                           + params["head.bias"].unsqueeze(1), rtol=1e-12)
-    out_m, fmap = fn.forward_batched(model, params, x, return_features="map")
-    want_map = torch.stack([functional_call(model, fn.task_slice(params, t), (x[t],), {"return_features": "map"})[1]
-                            for t in range(T)])
-    assert_rel([out_m, fmap], [ref, want_map])
     # Each task's loss weighted differently, so a mix-up between tasks cannot cancel out.
     w = torch.arange(1, T + 1, dtype=torch.float64).view(T, 1, 1)
     assert_same_derivatives(out, ref, list(params.values()), w)

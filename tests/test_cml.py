@@ -8,7 +8,9 @@ from torch import nn
 from torch.func import functional_call
 
 from metagrad import MAML, Plugin, methods
-from metagrad.methods.cml import CML
+from metagrad import functional as fn
+from metagrad.methods.cml import CML, conv_tap
+from metagrad.models import Conv4
 from tests.helpers import (
     assert_close_rel,
     assert_directional_derivative,
@@ -152,14 +154,81 @@ def test_finite_differences(kind, head):
     assert_directional_derivative(lambda: learner.meta_loss(batch).loss, params, grads, direction, eps)
 
 
-# -- model extension, registry, errors --------------------------------------------------------------------------------
-def test_conv4_feature_map():
+# -- where the conv head reads the model, registry, errors ------------------------------------------------------------
+def test_conv_head_reads_the_input_of_the_last_pooling_module():
     model = conv64()
-    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
-    out, fmap = model(x, return_features="map")
-    assert fmap.shape == (5, *model.map_shape) == (5, 4, 3, 3)
-    assert torch.equal(out, model(x))
-    assert torch.allclose(fmap, conv4_map_by_hand(dict(model.named_parameters()), x), rtol=1e-12)
+    assert conv_tap(model) == ("blocks.3.pool", 4)
+    plug = CML(head="conv")
+    MAML(model, plugins=[plug])
+    assert plug.tap == "blocks.3.pool" and CML().tap is None
+    x = torch.rand(2, 5, 1, 28, 28, dtype=torch.float64)
+    _, fmap = fn.forward_batched(model, fn.expand_tasks(fn.meta_params(model), 2), x, tap=plug.tap)
+    assert fmap.shape == (2, 5, 4, 3, 3)
+    for t in range(2):
+        assert torch.allclose(fmap[t], conv4_map_by_hand(dict(model.named_parameters()), x[t]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv_head_gradients_through_conv4s_kernel_equal_the_generic_hook(first_order, monkeypatch):
+    """Conv4's grouped kernel computes the tap itself; with the kernel not knowing it, a hook on the module reads
+    it per task. The loss and every meta-gradient agree (float64, 1e-10)."""
+    model, batch, lr = setup("cross_entropy", seed=4, T=5)
+    results = []
+    for known in (True, False):
+        if not known:
+            monkeypatch.setitem(fn._TAPS, Conv4, lambda m: ())
+        torch.manual_seed(6)
+        learner = MAML(model, inner_lr=lr, inner_steps=2, first_order=first_order, plugins=[CML(head="conv")])
+        results.append(grads_of(learner, batch))
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.allclose(out.loss, ref_out.loss, rtol=1e-10, atol=0)
+    assert_close_rel(grads, ref_grads, 1e-10)
+
+
+class SmallCNN(nn.Module):
+    """Not a Conv4: pooling modules inside an nn.Sequential, average pooling last."""
+
+    def __init__(self, readout: nn.Module | None = None):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), readout or nn.AvgPool2d(2))
+        self.head = nn.Linear(4 if readout is not None else 4 * 3 * 3, 3)
+
+    def forward(self, x, return_features=False):
+        feats = self.features(x).flatten(1)
+        out = self.head(feats)
+        return (out, feats) if return_features else out
+
+
+def test_conv_head_on_another_model_reads_its_last_pooling_input():
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    assert conv_tap(model) == ("features.5", 4)
+    batch = image_batch(T=3, size=12)
+    plug = CML(weight=0.5, head="conv")
+    learner = MAML(model, inner_lr=0.3, plugins=[plug])
+    out, grads = grads_of(learner, batch)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    # The co-learner's term, by hand: φ on each task's adapted map before the average pooling.
+    q, terms = dict(plug.co_learner.named_parameters()), []
+    for t in range(3):
+        fast = learner.adapt(batch.support_x[t], batch.support_y[t])
+        fmap = functional_call(model.features[:5], {k[len("features."):]: v for k, v in fast.items()
+                                                    if k.startswith("features.")}, (batch.query_x[t],))
+        terms.append(F.cross_entropy(co_learner_by_hand("conv", q, fmap), batch.query_y[t]))
+    assert torch.allclose(out.loss - out.query_loss, 0.5 * torch.stack(terms).mean(), rtol=1e-10)
+
+
+def test_a_model_without_a_fitting_pooling_module_is_refused():
+    for model, loss in ((mlp64(), "mse"), (Conv4(1, ways=3, width=4, pool="stride").double(), "cross_entropy")):
+        with pytest.raises(ValueError, match="head='conv' reads the input of the model's last 2-D pooling module.*"
+                                             "use head='mlp'"):
+            MAML(model, loss=loss, plugins=[CML(head="conv")])
+    # A pooling that does not halve the map (a global mean): found, but its map does not fit the co-learner.
+    torch.manual_seed(0)
+    learner = MAML(SmallCNN(nn.AdaptiveAvgPool2d(1)).double(), inner_lr=0.3, plugins=[CML(head="conv")])
+    with pytest.raises(ValueError, match=r"map at 'features.5' has shape \[4, 6, 6\].*use head='mlp'"):
+        learner.meta_loss(image_batch(T=2, size=12))
 
 
 def test_registry_and_state():
@@ -174,7 +243,7 @@ def test_registry_and_state():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="head='conv' needs a model exposing its last feature map"):
+    with pytest.raises(ValueError, match="head='conv' reads the input of the model's last 2-D pooling module"):
         MAML(mlp64(), loss="mse", plugins=[CML(head="conv")])
     with pytest.raises(ValueError, match="unknown CML head"):
         CML(head="resnet")

@@ -33,10 +33,9 @@ ALLOWED: dict[tuple[str, str], str] = {
                          "(CxGrad's argument)")): "paper citation",
 }
 # By design, and not scanned: the registry and the plug-ins (methods/), and the presets and studies
-# (configs/*.toml), which pick plug-ins by registry key.
-# PENDING (another change of issue 22 removes it): Conv4's ``forward(x, return_features="map")`` and
-# ``map_shape``, and ``functional.forward_batched``'s feature-map path, exist for CML's conv co-learner. They
-# name no method in code (only in comments), so the scan passes them, but they are method knowledge in models/.
+# (configs/*.toml), which pick plug-ins by registry key. A plug-in that reads an intermediate activation picks the
+# module at attach and asks ``functional.forward_batched(..., tap=name)``, a generic hook: the models offer nothing
+# made for it (tests/test_models.py: Conv4 is the module of the spec).
 
 
 def _method_names() -> set[str]:

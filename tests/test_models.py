@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +60,26 @@ def test_conv4_batched_forward_is_registered_for_its_exact_type():
         pass
 
     assert fn.batched_forward_of(Sub(1, ways=3, width=4)) is None   # a subclass may change forward
+
+
+def test_conv4_is_the_module_of_the_spec():
+    """api.md: 4 blocks of [Conv2d 3×3 → BatchNorm2d (batch statistics) → ReLU → MaxPool2d(2)], then flatten →
+    Linear; forward(x, return_features=False) and nothing else (no extra outputs or attributes for a plug-in)."""
+    model = models.Conv4(1, ways=5, width=8, image_size=28)
+    for block in model.blocks:
+        kinds = [(name, type(m)) for name, m in block.named_children()]
+        assert kinds == [("conv", torch.nn.Conv2d), ("bn", torch.nn.BatchNorm2d), ("relu", torch.nn.ReLU),
+                         ("pool", torch.nn.MaxPool2d)]
+        assert block.conv.kernel_size == (3, 3) and block.conv.padding == (1, 1) and block.conv.bias is None
+        assert not block.bn.track_running_stats and block.pool.kernel_size == 2
+    assert [n for n, _ in model.named_parameters()] == [
+        *(f"blocks.{i}.{p}" for i in range(4) for p in ("conv.weight", "bn.weight", "bn.bias")),
+        "head.weight", "head.bias"]
+    assert list(inspect.signature(models.Conv4.forward).parameters) == ["self", "x", "return_features"]
+    assert not hasattr(model, "map_shape")
+    x = torch.rand(3, 1, 28, 28)
+    out, feats = model(x, return_features=True)
+    assert feats.shape == (3, 8) and torch.equal(out, model(x)) and torch.equal(out, model.head(feats))
 
 
 def _graph(n: int = 12, f: int = 6) -> SimpleNamespace:

@@ -4,12 +4,16 @@ Fast parameters carry a leading task dimension: ``params[name]`` is ``[T, *shape
 batched forward registered here (:func:`register_batched`; the kernels live in :mod:`metagrad.batched`), or a
 model with a ``forward_batched`` method, runs all T tasks in one computation; any other module runs per task
 through ``torch.func.functional_call`` and the outputs are stacked.
+
+Taps: ``forward_batched(model, params, x, tap="blocks.3.pool")`` also returns the input of the named submodule
+(any model: a forward pre-hook on it while each task runs, :func:`tapped`), for a plug-in that reads an
+intermediate activation without the model offering it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -20,13 +24,18 @@ Params = dict[str, torch.Tensor]
 
 # model class → its task-batched forward ``f(model, params, x, return_features)``; see register_batched.
 _BATCHED: dict[type, Callable[..., Any]] = {}
+# model class → ``taps(model)``: the module names whose input its batched forward returns itself (``tap=name``).
+_TAPS: dict[type, Callable[[nn.Module], Collection[str]]] = {}
 
 
-def register_batched(model_type: type[nn.Module]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_batched(model_type: type[nn.Module], taps: Callable[[nn.Module], Collection[str]] | None = None,
+                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``f(model, params, x, return_features=False)`` runs T tasks of ``model_type`` at once.
 
     For that exact class (a subclass may change ``forward``, so it runs per task). ``f`` must equal the
-    module's forward per task; :func:`forward_batched` and :func:`forward_single` use it.
+    module's forward per task; :func:`forward_batched` and :func:`forward_single` use it. ``taps(model)``: the
+    submodule names ``f(model, params, x, tap=name)`` knows, returning ``(output, the input of that module)``
+    equal to :func:`forward_per_task`'s; a tap of any other name runs the generic hooked path.
 
     Example:
         >>> @register_batched(MyNet)
@@ -35,6 +44,8 @@ def register_batched(model_type: type[nn.Module]) -> Callable[[Callable[..., Any
     """
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         _BATCHED[model_type] = f
+        if taps is not None:
+            _TAPS[model_type] = taps
         return f
 
     return decorate
@@ -66,14 +77,22 @@ def supports_features(model: nn.Module) -> bool:
 
 
 def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                    return_features: bool | str = False):
+                    return_features: bool = False, tap: str | None = None):
     """Run T tasks: ``params[name]`` is ``[T, *shape]`` and ``x`` is ``[T, N, *x_shape]``.
 
-    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked; ``return_features`` is passed on as given,
-    e.g. Conv4's ``"map"``). Buffers come from the module. Runs the batched forward registered for the model's
-    type, else the model's own ``forward_batched`` method, else :func:`forward_per_task`.
+    Returns ``[T, N, *out]`` (and ``[T, N, d]`` features when asked). ``tap``: the name of a submodule (as in
+    ``named_modules()``); returns ``(output, its input)``, the input ``[T, *shape it has per task]``
+    (:func:`tapped`; not with ``return_features``). Buffers come from the module. Runs the batched forward
+    registered for the model's type (for a tap only when it knows that name), else the model's own
+    ``forward_batched`` method (never for a tap), else :func:`forward_per_task`.
     """
     registered = batched_forward_of(model)
+    if tap is not None:
+        if return_features:
+            raise ValueError("forward_batched: pass return_features or tap, not both")
+        if registered is not None and tap in _TAPS.get(type(model), lambda m: ())(model):
+            return registered(model, params, x, tap=tap)
+        return forward_per_task(model, params, x, tap=tap)
     if registered is not None:
         return registered(model, params, x, return_features)
     kwargs = {"return_features": return_features} if return_features else {}
@@ -90,17 +109,54 @@ def check_task_dims(params: Mapping[str, torch.Tensor], T: int) -> None:
 
 
 def forward_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     return_features: bool | str = False):
+                     return_features: bool = False, tap: str | None = None):
     """``forward_batched`` as a loop: ``functional_call`` once per task, outputs stacked (any module)."""
     kwargs = {"return_features": return_features} if return_features else {}
+    one = tapped(model, tap) if tap is not None else \
+        lambda p, xt: functional_call(model, p, (xt,), kwargs)
     check_task_dims(params, x.shape[0])
     # One unbind per tensor, not a select per task: the backward of T selects writes T zero-filled
     # [T, *shape] gradients (O(T²) memory traffic); one unbind's backward is a single stack.
     names, slices = list(params), [p.unbind(0) for p in params.values()]
-    outs = [functional_call(model, dict(zip(names, ps)), (xt,), kwargs) for xt, *ps in zip(x.unbind(0), *slices)]
-    if return_features:
+    outs = [one(dict(zip(names, ps)), xt) for xt, *ps in zip(x.unbind(0), *slices)]
+    if return_features or tap is not None:
         return torch.stack([o for o, _ in outs]), torch.stack([f for _, f in outs])
     return torch.stack(outs)
+
+
+def tapped(model: nn.Module, tap: str) -> Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``f(params, x) → (output, the input of submodule tap)`` for one task, for any model.
+
+    ``f`` runs the model through ``functional_call`` with a forward pre-hook on ``model.get_submodule(tap)``
+    registered for the duration of that call; the captured input leaves through ``f``'s return value (nothing
+    is kept elsewhere), so ``f`` can be mapped over tasks by a loop or ``torch.func.vmap`` and differentiated
+    like any output. The module must run exactly once per forward.
+
+    Example:
+        >>> out, fmap = tapped(conv4, "blocks.3.pool")(dict(conv4.named_parameters()), images)
+    """
+    try:
+        module = model.get_submodule(tap)
+    except AttributeError:
+        raise ValueError(f"tap {tap!r}: {type(model).__name__} has no such submodule (give a name from "
+                         "named_modules(), e.g. 'blocks.3.pool')") from None
+
+    def f(params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: list[Any] = []
+        handle = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0] if args else None))
+        try:
+            out = functional_call(model, params, (x,))
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError(f"tap {tap!r}: the module ran {len(seen)} times in one forward of "
+                             f"{type(model).__name__}; tap a module that runs exactly once")
+        if not isinstance(seen[0], torch.Tensor):
+            raise TypeError(f"tap {tap!r}: the module's first positional input is not a tensor; tap a module "
+                            "called as module(tensor, ...)")
+        return out, seen[0]
+
+    return f
 
 
 def forward_single(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,

@@ -2,7 +2,9 @@
 
 Registered for :class:`~metagrad.models.Conv4`; :func:`metagrad.functional.forward_batched` and
 :func:`~metagrad.functional.forward_single` run a Conv4 through it. Mathematically identical to the module's
-own forward per task (float64 tests in tests/test_batched.py); only the rounding order differs.
+own forward per task (float64 tests in tests/test_batched.py); only the rounding order differs. It knows the
+taps ``blocks.{i}.pool`` (block i's map before its pooling) and ``head`` (the flat features); any other tap runs
+the generic hooked path of :func:`~metagrad.functional.forward_batched`.
 """
 
 from __future__ import annotations
@@ -24,17 +26,28 @@ GROUP_IMAGES = 64
 _FUSE_MAX_K = 32
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook watches these modules (then the module's own forward runs, so the hooks fire)."""
+def _hooked(model: nn.Module) -> bool:
+    """Whether a forward hook watches the model or one of its modules (then the module's own forward runs, so
+    the hooks fire)."""
     from torch.nn.modules import module as m
 
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+        mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
-@register_batched(Conv4)
+def conv4_taps(model: Conv4) -> set[str]:
+    """The taps this kernel computes itself: each block's map before its pooling, and the head's input."""
+    return {"head", *(f"blocks.{i}.pool" for i in range(len(model.blocks)))}
+
+
+def _tap_block(model: Conv4, tap: str | None) -> int | None:
+    """The index of the block whose pre-pooling map ``tap`` names (None: no block tap)."""
+    return None if tap is None or tap == "head" else int(tap.split(".")[1])
+
+
+@register_batched(Conv4, taps=conv4_taps)
 def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                          return_features: bool | str = False):
+                          return_features: bool = False, tap: str | None = None):
     """T tasks at once: ``params[name]`` is ``[T, *shape]``, ``x`` is ``[T, n, C, H, W]``.
 
     The tasks' feature maps are laid side by side along the channels, ``[n, T·C, H, W]``, so each block is
@@ -48,10 +61,14 @@ def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: t
     CPU for small per-task batches (the support set, a few queries) and lose to one call per task for large
     ones, which run per task (still with the fused first block), as does a single task. While a forward hook
     watches the model or one of its layers, the module's own forward runs per task, so the hooks fire.
+    ``tap`` (one of :func:`conv4_taps`): returns ``(output, the input of that module)``, as the generic path does.
     """
     blocks = list(model.blocks)
-    if _hooked(model, model.head, *blocks, *(m for b in blocks for m in (b.conv, b.bn))):
-        return forward_per_task(model, params, x, return_features)
+    if tap is not None and tap not in conv4_taps(model):
+        raise ValueError(f"conv4_forward_batched: unknown tap {tap!r} (known: {sorted(conv4_taps(model))}); "
+                         "use functional.forward_batched, which runs any other tap generically")
+    if _hooked(model):
+        return forward_per_task(model, params, x, return_features, tap)
     if x.dim() != 5 or x.shape[2] != blocks[0].conv.in_channels:
         raise ValueError(f"Conv4.forward_batched: x of shape {list(x.shape)} does not fit: expected "
                          f"[T, n, {blocks[0].conv.in_channels}, H, W]")
@@ -59,44 +76,48 @@ def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: t
     check_task_dims(params, t)
     g = max(1, GROUP_IMAGES // max(n, 1))
     if t == 1 or g == 1:
-        return _per_task(model, params, x, return_features)
+        return _per_task(model, params, x, return_features, tap)
     if t <= g:
-        return _forward_grouped(model, params, x, return_features)
+        return _forward_grouped(model, params, x, return_features, tap)
     g = -(-t // -(-t // g))            # pieces of equal size: 16 tasks with g = 12 run as 8 + 8
-    parts = [_forward_grouped(model, {k: v[s:s + g] for k, v in params.items()}, x[s:s + g], return_features)
+    parts = [_forward_grouped(model, {k: v[s:s + g] for k, v in params.items()}, x[s:s + g], return_features, tap)
              for s in range(0, t, g)]
-    if return_features:
+    if return_features or tap is not None:
         return torch.cat([o for o, _ in parts]), torch.cat([f for _, f in parts])
     return torch.cat(parts)
 
 
 # -- one task at a time ------------------------------------------------------------------------------------------
-def _per_task(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor, return_features: bool | str):
+def _per_task(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor, return_features: bool,
+              tap: str | None):
     """``functional.forward_per_task`` with :func:`_forward_one` in place of the module's forward."""
     # One unbind per tensor, not a select per task (see functional.forward_per_task).
     names, slices = list(params), [p.unbind(0) for p in params.values()]
-    outs = [_forward_one(model, dict(zip(names, ps)), xt, return_features)
+    outs = [_forward_one(model, dict(zip(names, ps)), xt, return_features, tap)
             for xt, *ps in zip(x.unbind(0), *slices)]
-    if return_features:
+    if return_features or tap is not None:
         return torch.stack([o for o, _ in outs]), torch.stack([f for _, f in outs])
     return torch.stack(outs)
 
 
-def _forward_one(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor, return_features: bool | str):
+def _forward_one(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor, return_features: bool,
+                 tap: str | None = None):
     """Conv4's forward for one task with ``params``, in a faster but mathematically identical order: the first
     block fused (``_conv_bn_fused``) and each block's pooling before its ReLU (max-pooling commutes with a
     monotone function, exactly, in floating point too, so the ReLU and its backward touch a quarter of the
-    elements). ``return_features="map"``: ``(output, map)``, the last block's activation before its pooling."""
-    blocks = list(model.blocks)
-    for i, block in enumerate(blocks):
+    elements). ``tap``: ``(output, the tapped input)``; the tapped block runs ReLU first (its map is returned)."""
+    k = _tap_block(model, tap)
+    fmap = None
+    for i, block in enumerate(model.blocks):
         z = _normalised(block, params, f"blocks.{i}.", x)
-        if return_features == "map" and i == len(blocks) - 1:
-            fmap = torch.relu(z)
-            x = F.max_pool2d(fmap, 2) if block.pool == "max" else fmap
-            return F.linear(model.features_of(x), params["head.weight"], params["head.bias"]), fmap
-        x = _pool_relu(z, block.pool)
+        if i == k:
+            x, fmap = _relu_pool(z, model.pool)
+        else:
+            x = _pool_relu(z, model.pool)
     feats = model.features_of(x)
     out = F.linear(feats, params["head.weight"], params["head.bias"])
+    if tap is not None:
+        return out, (feats if fmap is None else fmap)
     return (out, feats) if return_features else out
 
 
@@ -146,13 +167,24 @@ def _conv_bn_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, b
     return y.view(n, h, w_, -1).permute(0, 3, 1, 2)
 
 
-def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
-    """A block's tail: max-pooling before the ReLU (see ``_forward_one``)."""
+def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:
     if pool == "max":
         if x.device.type == "cpu":   # the CPU max-pooling kernel is ~10× faster channels-last
             x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(x, 2)
-    return torch.relu(x)
+    return x
+
+
+def _pool_relu(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """A block's tail: max-pooling before the ReLU (see ``_forward_one``)."""
+    return torch.relu(_pool(x, pool))
+
+
+def _relu_pool(x: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tapped block's tail in the module's order: ``(pooled, the map before the pooling)``. The same values
+    and memory layout as ``_pool_relu`` (so the later blocks, hence the output, round as without the tap)."""
+    fmap = torch.relu(x)
+    return _pool(fmap, pool), fmap
 
 
 # -- all tasks as one grouped computation ------------------------------------------------------------------------
@@ -178,10 +210,11 @@ def _conv_bn_fused_tasks(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Ten
 
 
 def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     return_features: bool | str = False):
+                     return_features: bool = False, tap: str | None = None):
     """``conv4_forward_batched`` as one grouped computation over all the tasks of ``x``."""
     blocks = list(model.blocks)
     t, n = x.shape[:2]
+    k = _tap_block(model, tap)
     fmap, z = None, None
     for i, block in enumerate(blocks):
         pre = f"blocks.{i}."
@@ -189,7 +222,11 @@ def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.
         if i == 0 and block.conv.bias is None and block.conv.in_channels * 9 <= _FUSE_MAX_K:
             y = _conv_bn_fused_tasks(x, w, params[pre + "bn.weight"], params[pre + "bn.bias"], block.bn.eps,
                                      block.conv.stride[0])
-            y = _pool_relu(y, block.pool)                                              # [T·n, O, h, w]
+            if i == k:                                                                 # tasks lead: [T·n, ...]
+                y, m = _relu_pool(y, model.pool)
+                fmap = m.reshape(t, n, *m.shape[1:])
+            else:
+                y = _pool_relu(y, model.pool)                                          # [T·n, O, h, w]
             # NCHW for every T (for T = 1 the reshape alone would keep the channels-last strides, and the
             # convolution kernel, hence the rounding, would depend on the number of tasks).
             z = y.reshape(t, n, *y.shape[1:]).transpose(0, 1).reshape(n, -1, *y.shape[2:]).contiguous()
@@ -203,11 +240,13 @@ def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.
             z = z.contiguous()   # NCHW batch normalisation: see _normalised
         z = F.batch_norm(z, None, None, params[pre + "bn.weight"].reshape(-1), params[pre + "bn.bias"].reshape(-1),
                          True, 0.0, block.bn.eps)
-        if return_features == "map" and i == len(blocks) - 1:
-            fmap = torch.relu(z)
-        z = _pool_relu(z, block.pool)
+        if i == k:                                                                     # [n, T·C, h, w]
+            z, m = _relu_pool(z, model.pool)
+            fmap = m.reshape(n, t, -1, *m.shape[2:]).transpose(0, 1)
+        else:
+            z = _pool_relu(z, model.pool)
     feats = model.features_of(z).reshape(n, t, -1).transpose(0, 1)                    # [T, n, F]
     out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
-    if return_features == "map":
-        return out, fmap.reshape(n, t, -1, *fmap.shape[2:]).transpose(0, 1)
+    if tap is not None:
+        return out, (feats if fmap is None else fmap)
     return (out, feats) if return_features else out

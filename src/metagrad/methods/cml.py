@@ -15,12 +15,35 @@ from ..seams import LearnerView, OuterContext, Plugin, Series, VersusFigure
 from . import register
 
 HEADS = ("mlp", "conv")
+# The pooling layers the conv head's tap is chosen among (2-D: the co-learner is convolutional).
+POOLS_2D = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d,
+            nn.FractionalMaxPool2d)
 
 
 def _conv_bn_relu(width: int) -> list[nn.Module]:
     # No conv bias: batch-statistics BN right after it cancels a bias exactly (its gradient would be 0).
     return [nn.Conv2d(width, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width, affine=True, track_running_stats=False), nn.ReLU()]
+
+
+def conv_tap(model: nn.Module) -> tuple[str, int]:
+    """Where the conv head reads the model: ``(name, channels)`` of the model's last 2-D pooling module (in
+    ``named_modules()`` order), whose input is the last block's map before its pooling, and the
+    ``out_channels`` of the last ``nn.Conv2d`` registered before it (the map's channels).
+
+    Conv4 with ``pool="max"``: ``("blocks.3.pool", width)``.
+    """
+    found, conv = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            conv = module
+        elif isinstance(module, POOLS_2D) and conv is not None:
+            found = name, conv.out_channels
+    if found is None:
+        raise ValueError(f"CML head='conv' reads the input of the model's last 2-D pooling module after a "
+                         f"Conv2d (e.g. Conv4(pool='max')'s blocks.3.pool); {type(model).__name__} has none: "
+                         "use head='mlp', or a model whose conv blocks pool with nn.MaxPool2d")
+    return found
 
 
 @register("cml")
@@ -38,11 +61,16 @@ class CML(Plugin):
     * ``"mlp"`` (default): Linear(d, d) → ReLU → Linear(d, out), on the input of the model's last Linear
       (``return_features=True``); d and out are that Linear's in/out features. Applied task-batched.
     * ``"conv"``: the official 84×84 design, conv3×3 → BN → ReLU → conv3×3 → BN → ReLU → MaxPool2 → flatten →
-      Linear, on the last block's map before its pooling. Needs a model that exposes it: ``map_shape`` and
-      ``forward(x, return_features="map") → (out, map)`` (:class:`~metagrad.models.Conv4`). The map costs one
-      extra query forward (task-batched, ``functional.forward_batched(..., return_features="map")``: the core's
-      forward returns flat features only). BN uses the statistics of each task's query set, as the library's models do; the convs
-      have no bias (the official code has one, but batch-statistics BN cancels it).
+      Linear, on the last block's map before its pooling. Where that map is read, chosen at ``attach`` from the
+      model's modules (:func:`conv_tap`): the input of the model's last 2-D pooling module (``nn.MaxPool2d``,
+      ``nn.AvgPool2d``, their adaptive forms, ...) that follows an ``nn.Conv2d``; its channels are that conv's
+      ``out_channels``, and the head's Linear takes as many inputs as the model's last Linear (the co-learner's
+      pooled map has the shape of the model's, which the model flattens into its head: Conv4 with
+      ``pool="max"``, tap ``blocks.3.pool``). A model without such a pooling module (e.g. Conv4 with
+      ``pool="stride"``) is refused at ``attach``. The map costs one extra query forward, task-batched:
+      ``functional.forward_batched(model, θ', x_Q, tap=name)`` (a hook on that module, or Conv4's grouped kernel,
+      which knows the tap). BN uses the statistics of each task's query set, as the library's models do; the
+      convs have no bias (the official code has one, but batch-statistics BN cancels it).
 
     What the spec leaves open and the reading taken: regression uses MSE (the learner's loss), out = output
     dim; λ = 0 skips the term, which gives plain MAML's loss and gradients exactly. Diagnostics per meta-batch:
@@ -71,9 +99,10 @@ class CML(Plugin):
         if weight < 0:
             raise ValueError(f"CML weight must be >= 0, got {weight}")
         self.weight, self.head = float(weight), head
-        # The conv head reads the feature map through its own forward, not the core's flat features.
+        # The conv head reads its map with a tap of its own (see attach), not the core's flat features.
         self.needs_features = head == "mlp"
         self.co_learner: nn.Module | None = None   # built at attach: its sizes depend on the model
+        self.tap: str | None = None                # head="conv": the module whose input φ reads, set at attach
 
     def attach(self, view: LearnerView) -> None:
         model = view.model
@@ -85,15 +114,12 @@ class CML(Plugin):
             d = lin.in_features
             co = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, lin.out_features))
         else:
-            shape = getattr(model, "map_shape", None)
-            if shape is None or not fn.supports_features(model):
-                raise ValueError(f"CML head='conv' needs a model exposing its last feature map (map_shape and "
-                                 f"forward(x, return_features='map')), e.g. Conv4; {type(model).__name__} has none")
-            width, h, w = shape
-            if h < 2 or w < 2:
-                raise ValueError(f"CML head='conv' pools the {h}×{w} feature map by 2: use larger images")
+            self.tap, width = conv_tap(model)
+            if lin.in_features % width:
+                raise ValueError(f"CML head='conv': the model's last Linear takes {lin.in_features} inputs, not a "
+                                 f"multiple of the {width} channels at {self.tap!r}; use head='mlp'")
             co = nn.Sequential(*_conv_bn_relu(width), *_conv_bn_relu(width), nn.MaxPool2d(2), nn.Flatten(),
-                               nn.Linear(width * (h // 2) * (w // 2), lin.out_features))
+                               nn.Linear(lin.in_features, lin.out_features))
         self.co_learner = co.to(dtype=lin.weight.dtype, device=lin.weight.device)
 
     def outer_term(self, ctx: OuterContext) -> torch.Tensor | None:
@@ -116,5 +142,17 @@ class CML(Plugin):
             return self.co_learner(ctx.query_features)   # Linear layers act on the last dim: task-batched
         # All tasks' maps in one batched forward (Conv4: grouped convolutions), then φ per task (its BN takes the
         # statistics of that task's query set).
-        _, fmaps = ctx.forward(ctx.fast_params, ctx.batch.query_x, return_features="map")
+        _, fmaps = fn.forward_batched(ctx.view.model, ctx.fast_params, ctx.batch.query_x, tap=self.tap)
+        self._check_map(fmaps)
         return torch.stack([self.co_learner(fmap) for fmap in fmaps.unbind(0)])
+
+    def _check_map(self, fmaps: torch.Tensor) -> None:
+        """The tapped map ``[T, N, C, h, w]`` fits the co-learner built at attach (one clear error otherwise)."""
+        assert self.co_learner is not None
+        conv, lin = self.co_learner[0], self.co_learner[-1]
+        if fmaps.dim() != 5 or fmaps.shape[2] != conv.in_channels or \
+                conv.in_channels * (fmaps.shape[3] // 2) * (fmaps.shape[4] // 2) != lin.in_features:
+            raise ValueError(f"CML head='conv': the map at {self.tap!r} has shape {list(fmaps.shape[2:])} per "
+                             f"image, but the co-learner pools it by 2 into a Linear of {lin.in_features} inputs "
+                             "(the model's last Linear); the conv head fits a model whose last pooling halves the "
+                             "map and feeds its last Linear flattened (Conv4(pool='max')): use head='mlp'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import POOLS
@@ -13,7 +12,11 @@ BN_EPS = 1e-5
 
 class ConvBlock(nn.Module):
     """Conv2d 3×3 → BatchNorm2d (batch statistics always) → ReLU → MaxPool2d(2); with ``pool="stride"`` the
-    convolution has stride 2 and nothing pools, with ``pool="none"`` neither."""
+    convolution has stride 2 and nothing pools, with ``pool="none"`` neither (``self.pool`` is then an identity).
+
+    Each step is a module, so a forward (pre-)hook on one reads its input: ``blocks.{i}.pool``'s input is block
+    i's map before its pooling.
+    """
 
     def __init__(self, in_channels: int, width: int, bias: bool, pool: str) -> None:
         super().__init__()
@@ -21,15 +24,11 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=bias)
         # Batch statistics in training and evaluation alike: the convention of every MAML code base.
         self.bn = nn.BatchNorm2d(width, eps=BN_EPS, affine=True, track_running_stats=False)
-        self.pool = pool
-
-    def pre_pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's activation before its pooling."""
-        return torch.relu(self.bn(self.conv(x)))
+        self.relu = nn.ReLU()
+        self.pool: nn.Module = nn.MaxPool2d(2) if pool == "max" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pre_pool(x)
-        return F.max_pool2d(x, 2) if self.pool == "max" else x
+        return self.pool(self.relu(self.bn(self.conv(x))))
 
 
 def out_size(size: int, k: int, stride: int) -> int:
@@ -46,8 +45,9 @@ class Conv4(nn.Module):
     ``named_parameters()`` order: per block ``conv.weight, [conv.bias], bn.weight, bn.bias``; then
     ``head.weight, head.bias``.
 
-    ``forward(x, return_features="map")`` returns ``(output, map)``, ``map`` the last block's activation before
-    its pooling, ``[N, *self.map_shape]`` (CML's conv co-learner reads it).
+    Every step of a block is a module (``blocks.{i}.conv``, ``.bn``, ``.relu``, ``.pool``), so an intermediate
+    activation is read with a hook on the module it enters, e.g. ``functional.forward_batched(model, params, x,
+    tap="blocks.3.pool")`` for the last block's map before its pooling.
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for the ImageNet-style sets).
@@ -83,29 +83,15 @@ class Conv4(nn.Module):
         if s < 1:
             raise ValueError(f"Conv4: image_size {image_size} is too small for four 2× poolings")
         self.feature_dim = width if pool == "stride" else width * s * s
-        # Shape of the last block's map before its pooling, for forward(x, return_features="map") (CML's conv head).
-        pre = image_size // 8 if pool == "max" else s
-        self.map_shape = (width, pre, pre)
         self.head = nn.Linear(self.feature_dim, ways)
         self.width, self.pool, self.has_bias = width, pool, bias
 
-    def forward(self, x: torch.Tensor, return_features: bool | str = False):
-        if return_features == "map":
-            return self._forward_map(x)
+    def forward(self, x: torch.Tensor, return_features: bool = False):
         for block in self.blocks:
             x = block(x)
         feats = self.features_of(x)
         out = self.head(feats)
         return (out, feats) if return_features else out
-
-    def _forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, map)``: map is the last block's activation before its pooling, ``[N, *map_shape]``."""
-        for block in self.blocks[:-1]:
-            x = block(x)
-        last = self.blocks[-1]
-        fmap = last.pre_pool(x)
-        x = F.max_pool2d(fmap, 2) if last.pool == "max" else fmap
-        return self.head(self.features_of(x)), fmap
 
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input from the last block's output ``[N, C, s, s]``: flattened, or averaged over the
