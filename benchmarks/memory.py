@@ -80,10 +80,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
                        plugins=[methods.create(k) for k in keys])
         learner.model.load_state_dict(model.state_dict())
         params = list(learner.parameters())
-        out.append({"row": label, "bytes": measure(lambda: metagrad.meta_backward(learner, batch), params)})
+        out.append({"row": label, "bytes": measure(lambda lr=learner: metagrad.meta_backward(lr, batch), params)})
         if args.graph:
             out.append({"row": f"{label} [graph]",
-                        "bytes": measure(lambda: learner.meta_loss(batch).loss.backward(), params)})
+                        "bytes": measure(lambda lr=learner: lr.meta_loss(batch).loss.backward(), params)})
         print(f"{out[-1]['row']}: {out[-1]['bytes'] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
     for r in out:
         r["ratio"] = r["bytes"] / out[0]["bytes"]
