@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     if args.out:
         with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps({**r, "meta_batch": args.meta_batch, "queries": args.queries,
-                                    "torch": torch.__version__}) + "\n")
+            f.writelines(json.dumps({**r, "meta_batch": args.meta_batch, "queries": args.queries,
+                                    "torch": torch.__version__}) + "\n" for r in results)
 
 
 if __name__ == "__main__":
