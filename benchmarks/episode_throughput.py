@@ -55,7 +55,7 @@ def main() -> None:
           f"create {create_s:.2f} s ({'cache hit' if cache and cache.hit else 'decoded'})")
     step_ms = None
     if a.maml_steps > 0:
-        from metagrad import MAML
+        from metagrad import MAML, meta_backward
         from metagrad.models import Conv4
 
         torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main() -> None:
             batch = bench.batch(i)
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            learner.meta_loss(batch).loss.backward()
+            meta_backward(learner, batch)
             opt.step()
             steps.append(time.perf_counter() - t)
         step_ms = statistics.median(steps[1:]) * 1e3

@@ -3,8 +3,9 @@
 ``metagrad`` is the default learner (Conv4's registered batched forward, ``metagrad.batched.conv4``: the tasks of a
 chunk as grouped convolutions, at most ``GROUP_IMAGES`` images per call); ``metagrad[per-task]`` is the same learner
 on a Conv4 subclass without a batched forward (one ``functional_call`` per task, the module's plain forward). Omniglot 5-way 1-shot shapes (random images: the cost does
-not depend on them), Conv4-64, one inner step, for several query counts per class; ``memory="auto"`` (lean chunks,
-plain MAML's default) and ``memory="graph"`` (what plug-ins with outer terms use). The two run in interleaved
+not depend on them), Conv4-64, one inner step, for several query counts per class; ``--step chunks``
+(``metagrad.meta_backward``, task chunks: the training call) and ``--step graph``
+(``meta_loss(batch).loss.backward()``, the whole meta-batch's graph). The two run in interleaved
 rounds in one process on the same tasks and weights; the median of each is reported, and the ratio.
 ``--group-images`` also times other values of ``GROUP_IMAGES`` (the value it was chosen from).
 
@@ -29,21 +30,28 @@ import peers
 import torch
 from scaling import random_batch
 
-from metagrad import MAML
+from metagrad import MAML, meta_backward
 from metagrad.batched import conv4 as conv4_module
 from metagrad.models import Conv4
 
 
-def step_seconds(learner: MAML, batch, steps: int = 2) -> float:
-    cuda = batch.support_x.is_cuda
+def meta_step(learner: MAML, batch, step: str) -> None:
+    """The meta-gradient, by task chunks ("chunks") or through the whole meta-batch's graph ("graph")."""
     learner.zero_grad()
-    learner.meta_loss(batch).loss.backward()          # warm-up of this round, not timed
+    if step == "chunks":
+        meta_backward(learner, batch)
+    else:
+        learner.meta_loss(batch).loss.backward()
+
+
+def step_seconds(learner: MAML, batch, step: str, steps: int = 2) -> float:
+    cuda = batch.support_x.is_cuda
+    meta_step(learner, batch, step)          # warm-up of this round, not timed
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        learner.zero_grad()
-        learner.meta_loss(batch).loss.backward()
+        meta_step(learner, batch, step)
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 2, 5, 15])
     ap.add_argument("--meta-batch", type=int, default=32)
-    ap.add_argument("--memory", nargs="+", default=["auto", "graph"], choices=["auto", "lean", "graph"])
+    ap.add_argument("--step", nargs="+", default=["chunks", "graph"], choices=["chunks", "graph"])
     ap.add_argument("--group-images", type=int, nargs="*", default=[],
                     help="also time these values of batched.conv4.GROUP_IMAGES (default: only the shipped one)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -67,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; meta-batch {args.meta_batch}, "
           f"second order, 1 inner step; GROUP_IMAGES = {shipped}\n")
-    print("| memory | queries / class | metagrad[per-task] s | " + " | ".join(
+    print("| step | queries / class | metagrad[per-task] s | " + " | ".join(
         f"GROUP_IMAGES={g} s (×)" for g in settings[1:]) + " |")
     print("|---|---|---|" + "---|" * (len(settings) - 1))
-    for memory in args.memory:
+    for step in args.step:
         for q in args.queries:
             torch.manual_seed(0)
             grouped = Conv4(1, 5, 64, image_size=28).to(device)
@@ -83,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                     if s != "per-task":
                         conv4_module.GROUP_IMAGES = s
                     model = plain if s == "per-task" else grouped
-                    times[s].append(step_seconds(MAML(model, inner_lr=0.4, memory=memory), batch))
+                    times[s].append(step_seconds(MAML(model, inner_lr=0.4), batch, step))
             conv4_module.GROUP_IMAGES = shipped
             med = {s: statistics.median(v) for s, v in times.items()}
             cells = " | ".join(f"{med[s]:.3f} ({med['per-task'] / med[s]:.2f}×)" for s in settings[1:])
-            print(f"| {memory} | {q} | {med['per-task']:.3f} | {cells} |", flush=True)
+            print(f"| {step} | {q} | {med['per-task']:.3f} | {cells} |", flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Second-order meta-step on mini-ImageNet-sized inputs (84×84×3, 5-way 1-shot, 15 queries per class, Conv4-64,
-one inner step): metagrad (lean and graph memory modes) against the plain loop on metagrad's Conv4 and on the
-reference Conv4, in one process, interleaved rounds, median seconds per step. Random images.
+one inner step): metagrad (``meta_backward``'s task chunks, and ``metagrad[graph]``: the whole meta-batch's graph)
+against the plain loop on metagrad's Conv4 and on the reference Conv4, in one process, interleaved rounds, median
+seconds per step. Random images.
 
 Usage:
     .venv/bin/python benchmarks/large_images.py [--tasks 8] [--rounds 3] [--impls metagrad loop]

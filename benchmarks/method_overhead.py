@@ -1,9 +1,10 @@
 """Overhead of each plug-in per meta-step, relative to plain MAML, measured side by side in one process.
 
 Omniglot 5-way 1-shot (15 queries per class), Conv4-64, second order, one inner step, meta-batch 32, Adam:
-one meta-step = meta_loss + backward + optimiser step. The learners are timed in interleaved rounds (every
-round runs each learner once, in a rotated order) so that load from elsewhere on the machine hits all of them
-alike; the report gives the median seconds per step and the ratio to MAML's median.
+one meta-step = ``metagrad.meta_backward`` (the training call, task chunks) + optimiser step. The learners are
+timed in interleaved rounds (every round runs each learner once, in a rotated order) so that load from elsewhere
+on the machine hits all of them alike; the report gives the median seconds per step and the ratio to MAML's
+median.
 
     python benchmarks/method_overhead.py                 # all plug-ins, 7 rounds
     python benchmarks/method_overhead.py --rounds 3 --meta-batch 8 --threads 2
@@ -49,7 +50,7 @@ def build(plugins: list[str], seed: int) -> tuple[MAML, torch.optim.Optimizer]:
 def step(learner: MAML, opt: torch.optim.Optimizer, batch: metagrad.TaskBatch) -> float:
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    learner.meta_loss(batch).loss.backward()
+    metagrad.meta_backward(learner, batch)
     opt.step()
     return time.perf_counter() - t0
 

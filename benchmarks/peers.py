@@ -8,12 +8,14 @@ torch.func "plain loop"): one task at a time, ``backward()`` per task, so a peer
 * ``loop``        a per-task loop with ``torch.func.functional_call`` and ``torch.autograd.grad``.
 * ``higher``      ``higher.innerloop_ctx`` (first order: the inner gradients detached by a ``grad_callback``).
 * ``learn2learn`` ``l2l.algorithms.MAML(...).clone()`` and ``adapt``.
-* ``metagrad``    ``MAML(...).meta_loss(batch).loss.backward()``.
+* ``metagrad``    ``metagrad.meta_backward(MAML(...), batch)`` (task chunks, bounded memory, the default
+                  training call).
 
 The peers run the reference network (a plain ``nn.Sequential`` of Conv2d → BatchNorm2d → ReLU → MaxPool2d
 blocks, or Linear → ReLU layers), loaded with metagrad's weights; ``loop+mgmodel`` runs the plain loop on
 metagrad's own ``Conv4`` to separate what the model implementation gives from what the learner gives, and
-``metagrad[per-task]`` runs metagrad without the model's ``forward_batched`` (tasks one at a time).
+``metagrad[per-task]`` runs metagrad without the model's ``forward_batched`` (tasks one at a time), and
+``metagrad[graph]`` takes ``MAML(...).meta_loss(batch).loss.backward()``, the whole meta-batch's graph at once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metagrad import MAML, TaskBatch
+from metagrad import MAML, TaskBatch, meta_backward
 from metagrad.models import MLP, Conv4
 
 
@@ -184,19 +186,23 @@ class Learn2Learn(Impl):
 
 
 class Metagrad(Impl):
-    """metagrad's learner: one call for the meta-batch, one backward."""
+    """metagrad's learner: ``meta_backward`` (task chunks), or with ``graph`` one meta-loss for the whole
+    meta-batch and one backward."""
 
     name = "metagrad"
 
-    def __init__(self, model, setup, meta_lr=1e-3, **options):
+    def __init__(self, model, setup, meta_lr=1e-3, graph=False, **options):
         self.learner = MAML(model, inner_lr=setup.inner_lr, inner_steps=setup.inner_steps,
                             first_order=setup.first_order, loss=setup.loss, **options)
+        self.graph = graph
         super().__init__(model, setup, meta_lr)
 
     def params(self):
         return list(self.learner.parameters())
 
     def meta_gradient(self, batch):
+        if not self.graph:
+            return meta_backward(self.learner, batch).loss
         out = self.learner.meta_loss(batch)
         out.loss.backward()
         return out.loss.detach()
@@ -238,7 +244,7 @@ def build(name: str, model: nn.Module, setup: Setup) -> Impl:
     if name == "metagrad":
         return Metagrad(copy.deepcopy(model), setup)
     if name == "metagrad[graph]":
-        impl = Metagrad(copy.deepcopy(model), setup, memory="graph")
+        impl = Metagrad(copy.deepcopy(model), setup, graph=True)
         impl.name = name
         return impl
     if name == "metagrad[per-task]":

@@ -1,5 +1,6 @@
 """Scaling of one second-order MAML meta-step: seconds and peak memory against meta-batch size, inner steps,
-ways and image size, for metagrad and the plain per-task loop (the fastest peer on Omniglot).
+ways and image size, for metagrad (``meta_backward``, task chunks) and the plain per-task loop (the fastest peer
+on Omniglot).
 
 One factor varies at a time around the base setting (5-way 1-shot, 15 queries per class, 1 inner step,
 meta-batch 32, 28×28 single-channel images, Conv4-64). Images are random (the cost does not depend on them):

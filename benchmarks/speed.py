@@ -15,6 +15,9 @@ Usage:
     .venv/bin/python benchmarks/speed.py --cases omniglot5 --orders second --steps 1 --rounds 5
     python3 benchmarks/speed.py --device cuda --random-images --no-reexec   # a GPU machine without the data
 
+``metagrad`` is the training call, ``metagrad.meta_backward(learner, batch)`` (task chunks, bounded memory);
+the ablation ``metagrad[graph]`` is ``learner.meta_loss(batch).loss.backward()`` (the whole meta-batch's graph).
+
 Without the peers' environment only metagrad and the plain loop run. On CUDA, every timed step ends with a
 synchronisation and the memory columns are the CUDA allocator's peak above its level before the step (live
 tensors) and its peak reserved memory (with the caching); the CPU-seconds column is then host time only.

@@ -3,8 +3,9 @@
 Fast paths under test: Conv4's plain forward, its registered batched forward (``metagrad.batched.conv4``): one task
 with the first block fused conv+BatchNorm on unfolded patches, pooling before the ReLU, channels-last layout, and
 grouped convolutions over tasks; the unbind-based task loop of ``functional.forward_batched``, MLP's bmm
-``forward_batched``, and the learner's ``memory="lean"`` meta-loss (task chunks whose meta-gradients are taken
-inside ``meta_loss``). The reference is written from the layer definitions, independent of metagrad's code.
+``forward_batched``, and ``meta_backward`` (the meta-gradient taken chunk by chunk of tasks). The reference is
+written from the layer definitions, independent of metagrad's code. Chunks for every plug-in:
+tests/test_chunks.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metagrad import MAML, TaskBatch
+from metagrad import MAML, TaskBatch, meta_backward
+from metagrad import chunks as chunks_module
 from metagrad import functional as fn
-from metagrad import maml as maml_module
 from metagrad.batched import conv4 as conv4_module
 from metagrad.models import MLP, Conv4
 
@@ -128,15 +129,25 @@ def test_conv4_features_keep_their_meaning():
 
 
 # -- the learner's fast paths against the reference loop ---------------------------------------------------------
-@pytest.mark.parametrize("memory", ["lean", "graph"])
+def meta_grads(learner, batch, chunk=None):
+    """The meta-loss and the model's meta-gradient: through the whole batch's graph (``chunk`` None), or by
+    ``meta_backward`` with ``chunk`` tasks per chunk ("auto": sized automatically)."""
+    if chunk is None:
+        out = learner.meta_loss(batch)
+        return out, torch.autograd.grad(out.loss, list(learner.model.parameters()))
+    learner.zero_grad(set_to_none=True)
+    out = meta_backward(learner, batch, None if chunk == "auto" else chunk)
+    return out, [p.grad for p in learner.model.parameters()]
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["graph", "chunks"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_conv4_meta_gradient_matches_reference_loop(memory, first_order, steps):
+def test_conv4_meta_gradient_matches_reference_loop(chunk, first_order, steps):
     model = randomised(Conv4(1, ways=3, width=4))
     batch = images(T=3)
-    learner = MAML(model, inner_lr=0.4, inner_steps=steps, first_order=first_order, memory=memory)
-    out = learner.meta_loss(batch)
-    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    learner = MAML(model, inner_lr=0.4, inner_steps=steps, first_order=first_order)
+    out, grads = meta_grads(learner, batch, chunk)
     ref_loss, ref = reference(conv4_reference, dict(model.named_parameters()), batch, 0.4, steps, first_order,
                               F.cross_entropy)
     assert torch.allclose(out.loss, ref_loss, rtol=REL)
@@ -227,100 +238,69 @@ def test_conv4_grouped_forward_batched_steps_aside_for_hooks_and_checks_shapes()
         fn.forward_batched(model, params, x[:, :, 0])
 
 
-# -- memory="lean" against memory="graph" -------------------------------------------------------------------------
+# -- meta_backward's chunks against the whole batch's graph ---------------------------------------------------------
 @pytest.mark.parametrize("T", [3, 4])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_lean_equals_graph_bit_for_bit(T, first_order):
+def test_one_chunk_is_the_whole_graph_bit_for_bit(T, first_order):
     """One chunk of all T tasks: the graph's computation, so the graph's bits. (Chunks of other sizes run Conv4's
     grouped convolutions with other group counts, whose double backward rounds differently: the next test.)"""
     model = randomised(Conv4(1, ways=3, width=4))
     batch = images(T=T)
-    outs = {}
-    for memory in ("lean", "graph"):
-        learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=first_order, memory=memory, task_chunk=T)
-        out = learner.meta_loss(batch)
-        outs[memory] = out, torch.autograd.grad(out.loss, list(model.parameters()))
-    (lean, lg), (graph, gg) = outs["lean"], outs["graph"]
-    assert torch.equal(lean.loss, graph.loss) and torch.equal(lean.task_losses, graph.task_losses)
-    assert torch.equal(lean.sample_losses, graph.sample_losses)
-    assert torch.equal(lean.task_accuracies, graph.task_accuracies)
-    assert all(torch.equal(a, b) for a, b in zip(lg, gg))
+    learner = MAML(model, inner_lr=0.4, inner_steps=2, first_order=first_order)
+    (whole, wg), (chunked, cg) = meta_grads(learner, batch), meta_grads(learner, batch, chunk=T)
+    assert torch.equal(chunked.loss, whole.loss) and torch.equal(chunked.task_losses, whole.task_losses)
+    assert torch.equal(chunked.sample_losses, whole.sample_losses)
+    assert torch.equal(chunked.task_accuracies, whole.task_accuracies)
+    assert all(torch.equal(a, b) for a, b in zip(cg, wg))
+    assert not chunked.loss.requires_grad
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_lean_chunks_give_the_same_meta_gradient(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 2, "auto"])
+def test_chunks_give_the_same_meta_gradient(chunk, monkeypatch):
     model = randomised(Conv4(1, ways=3, width=4))
     batch = images(T=5)
-    graph = MAML(model, inner_lr=0.4, inner_steps=2, memory="graph")
-    want = torch.autograd.grad(graph.meta_loss(batch).loss, list(model.parameters()))
-    lean = MAML(model, inner_lr=0.4, inner_steps=2, task_chunk=chunk)
-    out = lean.meta_loss(batch)
-    assert_rel(torch.autograd.grad(out.loss, list(model.parameters())), want, 1e-12)
-    assert set(out.diagnostics) >= {"support_loss", "inner_grad_norm"}
-    # Automatic chunks: a budget below one task's graph gives one task per chunk.
-    monkeypatch.setitem(maml_module.LEAN_CHUNK_BYTES, "cpu", 1)
-    auto = MAML(model, inner_lr=0.4, inner_steps=2)
-    out = auto.meta_loss(batch)
-    assert_rel(torch.autograd.grad(out.loss, list(model.parameters())), want, 1e-12)
-    assert torch.allclose(out.diagnostics["support_loss"], graph.meta_loss(batch).diagnostics["support_loss"],
-                          rtol=1e-12)
-
-
-def test_lean_task_losses_take_any_weights():
-    model = randomised(Conv4(1, ways=3, width=4))
-    batch = images(T=3)
-    w = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)
-    outs = [MAML(model, inner_lr=0.4, memory=m, task_chunk=1).meta_loss(batch) for m in ("lean", "graph")]
-    got, want = (torch.autograd.grad((w * o.task_losses).sum(), list(model.parameters())) for o in outs)
+    learner = MAML(model, inner_lr=0.4, inner_steps=2)
+    whole, want = meta_grads(learner, batch)
+    if chunk == "auto":   # a budget below one task's graph: one task per chunk
+        monkeypatch.setitem(chunks_module.CHUNK_BYTES, "cpu", 1)
+    out, got = meta_grads(learner, batch, chunk)
     assert_rel(got, want, 1e-12)
+    assert torch.allclose(out.loss, whole.loss, rtol=1e-14)
+    assert set(out.diagnostics) >= {"support_loss", "inner_grad_norm"}
+    assert torch.allclose(out.diagnostics["support_loss"], whole.diagnostics["support_loss"], rtol=1e-12)
 
 
-def test_lean_learned_inner_rates_match_graph():
+def test_chunks_with_learned_inner_rates_match_the_graph():
+    """Tensors every task shares (learned per-step rates) sum their chunks' gradients."""
     torch.manual_seed(0)
     model = MLP(1, (8, 8), 1).double()
     g = torch.Generator().manual_seed(2)
     batch = TaskBatch(*(torch.randn(3, n, 1, generator=g, dtype=torch.float64) for n in (5, 5, 7, 7)))
-    grads = {}
-    for memory in ("lean", "graph"):
-        learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr="per_step",
-                       memory=memory, task_chunk=2).double()
-        grads[memory] = torch.autograd.grad(learner.meta_loss(batch).loss, list(learner.parameters()))
-    assert_rel(grads["lean"], grads["graph"], 1e-12)
-    learner = MAML(model, inner_lr=0.05, loss="mse", learn_inner_lr="per_step").double()
-    out = learner.meta_loss(batch)
-    with pytest.raises(RuntimeError, match="uniformly"):
-        torch.autograd.grad((torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * out.task_losses).sum(),
-                            list(learner.parameters()))
-
-
-def test_lean_refuses_double_differentiation_and_plugins():
-    model = randomised(Conv4(1, ways=3, width=4))
-    out = MAML(model, inner_lr=0.4).meta_loss(images(T=2))
-    (g, *_) = torch.autograd.grad(out.loss, list(model.parameters()), create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g.sum(), list(model.parameters()))
-    from metagrad import Plugin
-
-    with pytest.raises(ValueError, match="plug-ins"):
-        MAML(model, memory="lean", plugins=[Plugin()])
-    with pytest.raises(ValueError, match="memory"):
-        MAML(model, memory="small")
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss="mse", learn_inner_lr="per_step").double()
+    want = torch.autograd.grad(learner.meta_loss(batch).loss, list(learner.parameters()))
+    learner.zero_grad(set_to_none=True)
+    meta_backward(learner, batch, chunk=2)
+    assert_rel([p.grad for p in learner.parameters()], want, 1e-12)
 
 
 def held_saved_bytes():
-    """A saved_tensors_hooks context and a function giving the bytes of saved tensors still held by a graph."""
+    """A saved_tensors_hooks context, a function giving the bytes of saved tensors still held by a graph, and one
+    giving the most they held at once while the context was active."""
     import weakref
 
     alive: dict[int, int] = {}
+    peak = [0]
 
     def pack(t):
         box = _Box(t.detach())   # detached: holding a saved output would keep its node alive (a cycle)
         key = id(box)
         alive[key] = t.untyped_storage().nbytes()
+        peak[0] = max(peak[0], sum(alive.values()))
         weakref.finalize(box, alive.pop, key, None)
         return box
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t), lambda: sum(alive.values())
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t), lambda: sum(alive.values()), \
+        lambda: peak[0]
 
 
 class _Box:
@@ -328,15 +308,19 @@ class _Box:
         self.t = t
 
 
-def test_lean_holds_no_graph_after_meta_loss():
-    """What autograd still holds once meta_loss returns: nothing in lean mode, every task's graph in graph mode."""
+def test_chunks_hold_one_chunk_of_graph():
+    """The most graph autograd holds at once: one task's with chunks of one task, every task's with the whole
+    batch's graph; and nothing once meta_backward returns."""
     model = randomised(Conv4(1, ways=3, width=8))
     batch = images(T=6, queries=5)
-    held = {}
-    for memory in ("lean", "graph"):
-        probe, alive = held_saved_bytes()
-        with probe:
-            out = MAML(model, inner_lr=0.4, memory=memory, task_chunk=1).meta_loss(batch)
-        held[memory] = alive()
-        out.loss.backward()
-    assert held["graph"] > 1e6 and held["lean"] == 0, held
+    learner = MAML(model, inner_lr=0.4)
+    probe, alive, _ = held_saved_bytes()
+    with probe:
+        out = learner.meta_loss(batch)
+    whole = alive()
+    out.loss.backward()
+    probe, alive, peak = held_saved_bytes()
+    with probe:
+        meta_backward(learner, batch, chunk=1)
+    assert alive() == 0
+    assert whole > 1e6 and peak() < whole / 3, (peak(), whole)

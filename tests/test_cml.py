@@ -77,9 +77,7 @@ def setup(kind, seed=0, T=4):
 def test_co_learner_never_changes_adaptation_or_predictions(kind, head):
     model, batch, lr = setup(kind)
     steps = 2 if kind == "mse" else 1
-    # memory="graph": the plug-in's computation (plain MAML's default lean mode runs the tasks in chunks, which
-    # rounds differently; lean against graph is tests/test_batched.py's).
-    plain = MAML(model, inner_lr=lr, inner_steps=steps, loss=kind, memory="graph")
+    plain = MAML(model, inner_lr=lr, inner_steps=steps, loss=kind)
     plug = CML(head=head)
     learner = MAML(model, inner_lr=lr, inner_steps=steps, loss=kind, plugins=[plug])
     # CML is an outer term only: it overrides no inner-rule hook.
@@ -105,7 +103,7 @@ def test_co_learner_never_changes_adaptation_or_predictions(kind, head):
 @pytest.mark.parametrize("kind, head", CASES)
 def test_weight_zero_is_plain_maml(kind, head):
     model, batch, lr = setup(kind)
-    base_out, base = grads_of(MAML(model, inner_lr=lr, loss=kind, memory="graph"), batch)
+    base_out, base = grads_of(MAML(model, inner_lr=lr, loss=kind), batch)
     out, grads = grads_of(MAML(model, inner_lr=lr, loss=kind, plugins=[CML(weight=0.0, head=head)]), batch)
     assert torch.equal(out.loss, base_out.loss)
     assert all(torch.equal(a, b) for a, b in zip(grads[:len(base)], base))

@@ -155,7 +155,7 @@ def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
 # ------------------------------------------------------------------------------------------------ limits
 def test_limits_are_declared_beside_their_fields_and_read_by_their_users():
     """One definition of every choice: validation and the modules that act on a value read the same tuple."""
-    from metagrad import inner_lr, maml
+    from metagrad import checks, inner_lr
     from metagrad.models import conv4
 
     limits = C.limits()
@@ -165,8 +165,8 @@ def test_limits_are_declared_beside_their_fields_and_read_by_their_users():
         "train.precision", "eval.split"}
     assert C.choices("maml.adapt") == C.ADAPT and C.choices("model.pool") == C.POOLS
     assert C.choices("maml.learn_inner_lr") == C.INNER_LR_MODES
-    # maml, inner_lr and conv4 refuse exactly what the config refuses (after the import change: the same tuple).
-    assert (maml.ADAPT, inner_lr.MODES, conv4.POOLS) == (C.ADAPT, C.INNER_LR_MODES, C.POOLS)
+    # The learner's checks, inner_lr and conv4 refuse exactly what the config refuses (the same tuple).
+    assert (checks.ADAPT, inner_lr.MODES, conv4.POOLS) == (C.ADAPT, C.INNER_LR_MODES, C.POOLS)
     for key, lim in limits.items():
         section, name = key.split(".")
         default = getattr(C.Config(), section).__dict__[name]

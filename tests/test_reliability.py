@@ -443,17 +443,20 @@ def test_nan_gradient_names_the_parameter(tmp_path, monkeypatch):
     import metagrad.train as T
 
     real = T.make_learner
-    calls = {"n": 0}
 
     def with_nan_grad(cfg, bench):
         learner = real(cfg, bench)
         bias = learner.model.layers[1].bias
+        now = {"it": -1}
+        set_iteration = learner.set_iteration
 
-        def hook(g):
-            calls["n"] += 1
-            return g * float("nan") if calls["n"] == 3 else g
+        def tracked(it):   # the training loop announces every meta-iteration (0-based) here
+            now["it"] = it
+            set_iteration(it)
 
-        bias.register_hook(hook)
+        # NaN in every gradient of the third meta-update (one per task chunk of meta_backward).
+        bias.register_hook(lambda g: g * float("nan") if now["it"] == 2 else g)
+        learner.set_iteration = tracked
         return learner
 
     monkeypatch.setattr(T, "make_learner", with_nan_grad)

@@ -341,7 +341,7 @@ def test_plugins_see_a_learner_view_not_the_learner():
     model = model64()
     rec = Recorder()
     learner = MAML(model, inner_lr=0.05, inner_steps=2, eval_inner_steps=3, loss="mse", adapt="head",
-                   plugins=[rec], memory="graph")
+                   plugins=[rec])
     learner.meta_loss(batch)
     views = rec.seen
     assert set(views) == {"attach", "inner", "outer"}

@@ -121,7 +121,7 @@ def test_groups():
 @pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
 def test_weight_zero_is_plain_maml(kind):
     model, batch = (mlp64(), regression_batch(T=4)) if kind == "mse" else (conv64(), image_batch(T=4))
-    plain_out, plain = grads_of(MAML(model, inner_lr=0.1, loss=kind, memory="graph"), batch)
+    plain_out, plain = grads_of(MAML(model, inner_lr=0.1, loss=kind), batch)
     out, grads = grads_of(MAML(model, inner_lr=0.1, loss=kind, plugins=[TRLearner(weight=0.0)]), batch)
     assert torch.equal(out.loss, plain_out.loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, plain))

@@ -9,9 +9,11 @@ Example:
     >>> bench = metagrad.data.create("sinusoid", "train", shots=10, queries=10, meta_batch_size=25, seed=0)
     >>> learner = MAML(models.MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
     >>> out = learner.meta_loss(bench.batch(0)); out.loss.backward()
+    >>> out = metagrad.meta_backward(learner, bench.batch(1))    # the same gradients, bounded memory
 """
 
 from . import batched, data, methods, models  # batched: registers the models' task-batched forwards
+from .chunks import meta_backward
 from .maml import MAML, MetaLossOutput
 from .seams import InnerContext, LearnerView, OuterContext, Plugin
 from .tasks import TaskBatch
@@ -29,6 +31,7 @@ __all__ = [
            "__version__",
            "batched",
            "data",
+           "meta_backward",
            "methods",
            "models",
 ]

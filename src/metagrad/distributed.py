@@ -17,8 +17,8 @@ each rank takes whole groups, so every per-task term sees exactly the partners i
 Example:
     >>> dctx, device = setup("cpu")                        # world 1 outside torchrun: nothing to join
     >>> part, weight = shard(batch, dctx.rank, dctx.world, group_size_of(learner))
-    >>> learner.meta_loss(part).loss.backward()
-    >>> logged = allreduce_grads(list(learner.parameters()), weight, {"loss": loss}, dctx)
+    >>> out = meta_backward(learner, part)       # metagrad.chunks: this share's gradients, chunk by chunk
+    >>> logged = allreduce_grads(list(learner.parameters()), weight, {"loss": out.loss}, dctx)
 """
 
 from __future__ import annotations

@@ -12,13 +12,16 @@ intermediate activation without the model offering it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, torch.Tensor]
 
@@ -26,6 +29,9 @@ Params = dict[str, torch.Tensor]
 _BATCHED: dict[type, Callable[..., Any]] = {}
 # model class → ``taps(model)``: the module names whose input its batched forward returns itself (``tap=name``).
 _TAPS: dict[type, Callable[[nn.Module], Collection[str]]] = {}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Inside recompute_per_task(): forward_batched checkpoints each task's forward.
+_RECOMPUTE = contextvars.ContextVar("recompute_per_task", default=False)
 
 
 def register_batched(model_type: type[nn.Module], taps: Callable[[nn.Module], Collection[str]] | None = None,
@@ -61,6 +67,23 @@ def meta_params(model: nn.Module) -> Params:
     return dict(model.named_parameters())
 
 
+def adapted_names(model: nn.Module, adapt: str) -> tuple[str, ...]:
+    """The names of the parameters the inner loop updates: ``adapt`` "all", "no_norm" (all but normalisation
+    layers' affine parameters) or "head" (the last ``nn.Linear``'s, ANIL)."""
+    names = list(meta_params(model))
+    if adapt == "all":
+        return tuple(names)
+    if adapt == "no_norm":
+        skip = {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, _NORM_TYPES)
+                for p, _ in mod.named_parameters(recurse=False)}
+        return tuple(n for n in names if n not in skip)
+    linears = [m for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError(f"adapt='head' needs an nn.Linear head; {type(model).__name__} has none")
+    head = linears[-1]
+    return tuple(n for n in names if n.rsplit(".", 1)[0] == head)
+
+
 def expand_tasks(params: Mapping[str, torch.Tensor], T: int) -> Params:
     """θ → ``[T, *shape]`` views, one copy per task (no memory; gradients flow back summed)."""
     return {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in params.items()}
@@ -86,6 +109,8 @@ def forward_batched(model: nn.Module, params: Mapping[str, torch.Tensor], x: tor
     registered for the model's type (for a tap only when it knows that name), else the model's own
     ``forward_batched`` method (never for a tap), else :func:`forward_per_task`.
     """
+    if _RECOMPUTE.get() and torch.is_grad_enabled():   # inside recompute_per_task(): task by task, recomputed
+        return _checkpointed_per_task(model, params, x, return_features, tap)
     registered = batched_forward_of(model)
     if tap is not None:
         if return_features:
@@ -171,63 +196,46 @@ def forward_single(model: nn.Module, params: Mapping[str, torch.Tensor], x: torc
     return functional_call(model, dict(params), (x,), kwargs)
 
 
-class PrecomputedGrad(torch.autograd.Function):
-    """Per-task values ``[T]`` whose gradients with respect to ``inputs`` were taken ahead of the backward.
+@contextlib.contextmanager
+def recompute_per_task() -> Iterator[None]:
+    """While active, :func:`forward_batched` splits its task dimension and checkpoints each task's forward.
 
-    ``rows[i]`` is ``[T, *inputs[i].shape]``: row t is the gradient of ``seed · value_t`` (None: no gradient).
-    ``shared[j]`` is the gradient of ``seed · Σ_t value_t`` w.r.t. a tensor every task shares (a learned inner
-    rate): exact when the values are weighted uniformly (``mean``, ``sum``), refused otherwise. The backward only
-    weights the rows by the incoming per-task weights (for weights equal to ``seed``, the common ``mean``, it is
-    the plain sum of the rows, bit for bit what autograd gives through a whole-batch graph). This is how
-    :class:`metagrad.MAML` frees each task chunk's graph as soon as its meta-gradient is known
-    (``memory="lean"``). Not differentiable twice.
+    Why: a chunk of tasks that cannot be split (a plug-in's task group, :func:`metagrad.chunks.meta_backward`)
+    may save more activations for backward than memory holds. Checkpointed, a task's forward keeps only its
+    inputs; its activations are recomputed when the backward reaches them, so about one task's are alive at a
+    time. ``use_reentrant=False`` checkpoints support the inner loop's gradients with ``create_graph`` (second
+    order). Same values and gradients (one task per forward rounds like a meta-batch of one), about one more
+    model forward per forward; a forward with side effects (a BatchNorm that tracks running statistics in
+    training mode) has them again when recomputed.
+
+    Example:
+        >>> with recompute_per_task():
+        ...     out = learner.meta_loss(batch)        # every model forward checkpointed per task
+        >>> out.loss.backward()                       # recomputes them, task by task
     """
-
-    @staticmethod
-    def forward(ctx, values, seed, rows, shared, *inputs):  # type: ignore[override]
-        ctx.seed, ctx.rows, ctx.shared = seed, rows, shared
-        return values.detach().clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, weights):  # type: ignore[override]
-        seeded = bool((weights == ctx.seed).all())
-        grads: list[torch.Tensor | None] = []
-        for r in ctx.rows:
-            if r is None:
-                grads.append(None)
-            elif seeded:
-                grads.append(r.sum_to_size(r.shape[1:]))
-            else:
-                grads.append(torch.tensordot(weights.to(r.dtype) / ctx.seed, r, 1))
-        if any(s is not None for s in ctx.shared):
-            if not bool((weights == weights[0]).all()):
-                raise RuntimeError("MAML(memory='lean') gives the gradient of uniformly weighted task losses "
-                                   "(out.loss); for other weightings with learned shared tensors use memory='graph'")
-            scale = 1.0 if seeded else weights[0] / ctx.seed
-            grads += [None if s is None else (s if seeded else scale.to(s.dtype) * s) for s in ctx.shared]
-        else:
-            grads += [None] * len(ctx.shared)
-        return (None, None, None, None, *grads)
+    token = _RECOMPUTE.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTE.reset(token)
 
 
-def saved_bytes() -> tuple[Any, list[int]]:
-    """A ``saved_tensors_hooks`` context that adds up the bytes autograd saves (distinct storages), and the
-    one-element list it adds them to: how large a graph is, measured while it is built."""
-    seen: set[int] = set()
-    total = [0]
+def _checkpointed_per_task(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                           return_features: bool, tap: str | None = None):
+    """:func:`forward_batched` task by task, each a checkpoint of a one-task forward; outputs concatenated."""
+    check_task_dims(params, x.shape[0])
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def one(task_params: dict[str, torch.Tensor], xt: torch.Tensor):
+        token = _RECOMPUTE.set(False)   # the one-task forward itself runs plainly (also when recomputed)
         try:
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key not in seen and key != 0:
-                seen.add(key)
-                total[0] += st.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
-            pass
-        # Detached: a node that saves its own output would otherwise hold that output, which holds the node
-        # (a reference cycle through C++ that nothing collects).
-        return t.detach()
+            return forward_batched(model, task_params, xt, return_features, tap)
+        finally:
+            _RECOMPUTE.reset(token)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), total
+    # One unbind per tensor (see forward_per_task), each slice given back its task dimension of one.
+    names, slices = list(params), [p.unbind(0) for p in params.values()]
+    outs = [checkpoint(one, {n: p.unsqueeze(0) for n, p in zip(names, ps)}, xt.unsqueeze(0), use_reentrant=False)
+            for xt, *ps in zip(x.unbind(0), *slices)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)

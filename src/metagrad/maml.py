@@ -7,29 +7,20 @@ learning or feature reuse?", ICLR 2020 (ANIL, ``adapt="head"``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checks
 from . import functional as fn
 from . import inner_lr as lr_rules
-from .config import ADAPT
-from .losses import LOSSES, per_sample_loss, task_accuracy
+from .losses import per_sample_loss, task_accuracy
 from .msl import MultiStepLoss
 from .seams import InnerContext, LearnerView, OuterContext, Plugin, map_tensors
 from .tasks import TaskBatch
-
-MEMORY = ("auto", "lean", "graph")
-# memory="lean": the largest autograd graph one task chunk may hold (bytes saved for backward). On CPU 80 MiB:
-# Conv4 Omniglot 5w1s chunks of 10 tasks with 1 query per class, 4 with 5, 1 with 15 (larger chunks ran slower).
-LEAN_CHUNK_BYTES = {"cpu": 80 << 20, "cuda": 2 << 30}
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-# Words of torch's shape-mismatch errors: only those become "does not fit the model" errors.
-_SHAPE_WORDS = ("shape", "size", "mat1", "channels", "dimension", "Expected")
 
 
 @dataclass
@@ -43,6 +34,10 @@ class MetaLossOutput:
     task_accuracies: torch.Tensor | None       # [T]
     sample_losses: torch.Tensor                # [T, N_q] per-sample query losses, detached (diagnostics)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def detached(self) -> MetaLossOutput:
+        """The same values, out of the graph."""
+        return MetaLossOutput(*(map_tensors(torch.Tensor.detach, getattr(self, f.name)) for f in fields(self)))
 
 
 class MAML(nn.Module):
@@ -66,79 +61,36 @@ class MAML(nn.Module):
             without annealing, leave the option off). Its schedule follows :meth:`set_iteration`.
         first_order_iterations: MAML++ derivative-order annealing: first order for the meta-iterations below this
             one, as :meth:`set_iteration` reports them.
-        memory: "auto" | "lean" | "graph". "lean" (what "auto" picks for a learner without plug-ins, outside the
-            multi-step loss): tasks run in chunks and each chunk's meta-gradient is taken inside ``meta_loss``,
-            so only one chunk's graph is ever held (peak memory of a per-task loop, no recomputation); the
-            returned losses carry those gradients and cannot be differentiated twice. "graph": the whole
-            meta-batch's graph is kept until ``backward`` (needed for plug-ins' outer terms).
-        task_chunk: tasks per chunk in "lean" mode; None sizes chunks so that one chunk's graph stays under
-            ``LEAN_CHUNK_BYTES`` (measured on the first task of each meta-batch).
 
     Example:
         >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
         >>> opt = torch.optim.Adam(learner.parameters(), 1e-3)
         >>> learner.set_iteration(it)                 # only the MAML++ schedules need it
         >>> out = learner.meta_loss(batch)            # batch: a TaskBatch
-        >>> out.loss.backward(); opt.step()
+        >>> out.loss.backward(); opt.step()           # or metagrad.meta_backward(learner, batch): bounded memory
         >>> fast = learner.adapt(support_x, support_y); pred = learner.predict(fast, query_x)
     """
 
     def __init__(self, model: nn.Module, inner_lr: float | lr_rules.InnerLR = 0.4, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
                  loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
-                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0,
-                 memory: str = "auto", task_chunk: int | None = None) -> None:
+                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0) -> None:
         super().__init__()
-        if adapt not in ADAPT:
-            raise ValueError(f"unknown adapt mode {adapt!r}: use one of {', '.join(ADAPT)}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-        if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 0):
-            raise ValueError("inner_steps must be >= 1 and eval_inner_steps >= 0")
-        if memory not in MEMORY:
-            raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY)}")
-        if memory == "lean" and plugins:
-            raise ValueError("memory='lean' is for MAML without plug-ins (their outer terms need the whole "
-                             "meta-batch's graph): use memory='auto' or 'graph'")
-        if task_chunk is not None and task_chunk < 1:
-            raise ValueError(f"task_chunk must be >= 1 or None, got {task_chunk}")
+        checks.learner_options(adapt, loss, inner_steps, eval_inner_steps)
         plugins = [*plugins, *([MultiStepLoss(msl_iterations)] if multi_step_loss else [])]
-        self.memory, self.task_chunk = memory, task_chunk
-        self.model = model
-        self.inner_steps = int(inner_steps)
+        self.model, self.inner_steps = model, int(inner_steps)
         self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
         self.first_order, self.adapt_mode, self.loss_kind = bool(first_order), adapt, loss
         self.first_order_iterations = int(first_order_iterations)
         self.order_now = self.first_order   # the order meta_loss takes by default; set_iteration anneals it
-        self.adapted = self._select_adapted(adapt)
-        params = fn.meta_params(model)
+        self.adapted = fn.adapted_names(model, adapt)
+        shapes = [fn.meta_params(model)[n].shape for n in self.adapted]
         self.inner_lr = inner_lr if isinstance(inner_lr, lr_rules.InnerLR) else \
-            lr_rules.create(learn_inner_lr, list(self.adapted), [params[n].shape for n in self.adapted], inner_lr,
-                            self.inner_steps)
+            lr_rules.create(learn_inner_lr, list(self.adapted), shapes, inner_lr, self.inner_steps)
         self.plugins = nn.ModuleList(plugins)
         for p in self.plugins:
-            if not isinstance(p, Plugin):
-                raise TypeError(f"plugins must be metagrad.seams.Plugin instances, got {type(p).__name__}")
-            p.attach(self.view())  # may decide `needs_features` from the model, so check after it
-            if p.needs_features and not fn.supports_features(model):
-                raise ValueError(f"plug-in {p.name!r} needs features, but {type(model).__name__}.forward has no "
-                                 "return_features argument: add forward(x, return_features=False) → (out, feats)")
+            checks.attach(p, self.view())
         self.needs_features = any(p.needs_features for p in self.plugins)
-
-    # -- parameters --------------------------------------------------------------------------------------------
-    def _select_adapted(self, adapt: str) -> tuple[str, ...]:
-        names = list(fn.meta_params(self.model))
-        if adapt == "all":
-            return tuple(names)
-        if adapt == "no_norm":
-            skip = {f"{m}.{p}" if m else p for m, mod in self.model.named_modules() if isinstance(mod, _NORM_TYPES)
-                    for p, _ in mod.named_parameters(recurse=False)}
-            return tuple(n for n in names if n not in skip)
-        linears = [m for m, mod in self.model.named_modules() if isinstance(mod, nn.Linear)]
-        if not linears:
-            raise ValueError(f"adapt='head' needs an nn.Linear head; {type(self.model).__name__} has none")
-        head = linears[-1]
-        return tuple(n for n in names if n.rsplit(".", 1)[0] == head)
 
     def view(self) -> LearnerView:
         """What plug-ins see of this learner (:class:`~metagrad.seams.LearnerView`): ``attach`` and the contexts."""
@@ -158,57 +110,18 @@ class MAML(nn.Module):
         losses = per_sample_loss(self.loss_kind, output, target)
         return losses if per_sample else losses.mean(dim=1)
 
-    # -- input checks (fail loudly, with what to do, instead of a broadcast or a device-side assert) ------------
-    def _forward_checked(self, params: fn.Params, x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:
-        """The first forward of a call: an input the model cannot take, or targets that do not fit, raise."""
-        try:
-            out = self.forward_batched(params, x)
-        except (RuntimeError, ValueError) as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if isinstance(e, torch.OutOfMemoryError) or not any(w in text for w in _SHAPE_WORDS):
-                raise
-            raise ValueError(f"{which}_x of shape {list(x.shape)} does not fit {type(self.model).__name__} "
-                             f"(inputs are [T, N, *x_shape]): {text[:200]}") from e
-        self._check_targets(out, y, which)
-        return out
-
-    def _check_targets(self, out: torch.Tensor, y: torch.Tensor, which: str) -> None:
-        """Targets against the model's output: dtype and shape, and class ids within 0..ways-1 (one sync)."""
-        if self.loss_kind == "cross_entropy":
-            if y.is_floating_point():
-                raise ValueError(f"{which}_y is {y.dtype}: cross-entropy needs int64 class ids 0..ways-1 "
-                                 "(float targets are regression: use loss='mse')")
-            if y.shape != out.shape[:-1]:
-                raise ValueError(f"{which}_y has shape {list(y.shape)} but the model's output is {list(out.shape)}: "
-                                 "expected class ids of shape [T, N]")
-            if y.numel():
-                low, high = (int(v) for v in torch.aminmax(y))
-                if low < 0 or high >= out.shape[-1]:
-                    raise ValueError(f"{which}_y holds class ids {low}..{high} but the model has {out.shape[-1]} "
-                                     f"outputs: labels must lie in 0..{out.shape[-1] - 1} (build the model with "
-                                     "as many outputs as ways)")
-        elif not y.is_floating_point() or y.shape != out.shape:
-            raise ValueError(f"{which}_y is {y.dtype} {list(y.shape)} but the model's output is {list(out.shape)}: "
-                             "mse needs float targets of the same shape [T, N, out_dim]")
-
     # -- the inner loop ----------------------------------------------------------------------------------------
     def _inner_loop(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, create_graph: bool,
-                    keep_graph: bool, query: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    task_params: fn.Params | None = None):
+                    keep_graph: bool, query: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Adapt T tasks at once. Returns (fast params ``[T, *shape]``, per-step query losses, diagnostics).
 
         ``keep_graph=False`` (evaluation) detaches after every step so no graph survives a step.
         ``query`` given: the query loss after every step is also returned (for a plug-in that records them).
-        ``task_params`` given: the starting parameters ``[T, *shape]`` (default: θ expanded to T tasks).
         """
-        T = support_x.shape[0]
-        if task_params is None:
-            theta = self.meta_params()
-            if not keep_graph:
-                theta = {n: p.detach() for n, p in theta.items()}
-            fast = fn.expand_tasks(theta, T)
-        else:
-            fast = dict(task_params)
+        theta = self.meta_params()
+        if not keep_graph:
+            theta = {n: p.detach() for n, p in theta.items()}
+        fast = fn.expand_tasks(theta, support_x.shape[0])
         ctx = InnerContext(self.view(), support_x, support_y, self.adapted, create_graph)
         states = [p.init_task(ctx) for p in self.plugins]
         step_losses = []
@@ -222,7 +135,7 @@ class MAML(nn.Module):
                 extras.append(ex)
             for n in self.adapted:
                 params[n] = _needs_grad(params[n])
-            out = self._forward_checked(params, support_x, support_y, "support") if step == 0 \
+            out = checks.forward_checked(ctx.view, params, support_x, support_y, "support") if step == 0 \
                 else self.forward_batched(params, support_x)
             support_loss = self.loss_of(out, support_y)
             inputs = [params[n] for n in self.adapted] + [v for ex in extras for v in ex.values()]
@@ -261,80 +174,20 @@ class MAML(nn.Module):
             p.set_iteration(iteration)
 
     def meta_loss(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
-        """The differentiable meta-objective of a meta-batch (training mode).
-
-        ``first_order`` overrides the order of this call (default: ``first_order``, or as :meth:`set_iteration`
-        annealed it).
-        """
+        """The differentiable meta-objective of a meta-batch (training mode), its graph held whole until the backward
+        (:func:`~metagrad.chunks.meta_backward` takes the same gradient chunk by chunk). ``first_order`` overrides
+        the order of this call (default: ``first_order``, or as :meth:`set_iteration` annealed it)."""
         first_order = self.order_now if first_order is None else bool(first_order)
-        if self.memory != "graph" and all(p.neutral for p in self.plugins) and torch.is_grad_enabled():
-            return self._meta_loss_lean(batch, first_order)
-        record = any(p.records_step_losses for p in self.plugins)
-        query = (batch.query_x, batch.query_y) if record else None
+        query = (batch.query_x, batch.query_y) if any(p.records_step_losses for p in self.plugins) else None
         fast, step_losses, diag = self._inner_loop(batch.support_x, batch.support_y, self.inner_steps,
                                                    create_graph=not first_order, keep_graph=True, query=query)
         return self._outer(batch, fast, diag, create_graph=not first_order, step_losses=step_losses)
-
-    def _meta_loss_lean(self, batch: TaskBatch, first_order: bool) -> MetaLossOutput:
-        """The classic objective (no plug-ins), task chunk by task chunk, each chunk's meta-gradient taken at once.
-
-        Task t's query loss depends on θ only through task t's copy of θ, so its gradient w.r.t. θ is row t of
-        the gradient w.r.t. a ``[T, *shape]`` copy of θ. Each chunk's graph is freed as soon as its rows are
-        taken, and the returned task losses carry them (:class:`~metagrad.functional.PrecomputedGrad`): the
-        backward only weights the rows. Same gradients as the graph, the peak memory of one chunk, no
-        recomputation. Chunks are sized from the bytes the first task's graph saves (``LEAN_CHUNK_BYTES``).
-        """
-        T, theta = len(batch), self.meta_params()
-        names = [n for n, p in theta.items() if p.requires_grad]
-        shared = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in theta.values())]
-        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        shared_sum: list[torch.Tensor | None] = [None] * len(shared)
-        losses, samples, accs, diags = [], [], [], []
-        start, chunk = 0, self.task_chunk or 1
-        while start < T:
-            sub = batch.select(slice(start, start + chunk))
-            C = len(sub)
-            copies = {n: p.detach().unsqueeze(0).expand(C, *p.shape).clone().requires_grad_(p.requires_grad)
-                      for n, p in theta.items()}
-            probe, saved = fn.saved_bytes()
-            with torch.enable_grad(), probe if self.task_chunk is None and start == 0 else contextlib.nullcontext():
-                fast, _, diag = self._inner_loop(sub.support_x, sub.support_y, self.inner_steps,
-                                                 create_graph=not first_order, keep_graph=True, task_params=copies)
-                out = self.forward_batched(fast, sub.query_x)
-                self._check_targets(out, sub.query_y, "query")
-                sample = self.loss_of(out, sub.query_y, per_sample=True)
-            loss = sample.mean(dim=1)
-            # Seeded with the weights of out.loss = mean over tasks, 1/T (as MeanBackward forms them): the rows
-            # then sum to the bits the whole-batch graph gives.
-            seed = torch.ones(C, dtype=loss.dtype, device=loss.device) / T
-            grads = torch.autograd.grad(loss, [copies[n] for n in names] + shared, seed, allow_unused=True)
-            for n, g in zip(names, grads):
-                rows[n].append(torch.zeros_like(copies[n]) if g is None else g)
-            for i, g in enumerate(grads[len(names):]):
-                if g is not None:
-                    shared_sum[i] = g if shared_sum[i] is None else shared_sum[i] + g
-            losses.append(loss.detach())
-            samples.append(sample.detach())
-            if sub.is_classification:
-                accs.append(task_accuracy(out.detach(), sub.query_y))
-            diags.append((C, diag))
-            del fast, out, sample, loss, grads, copies
-            start += C
-            if self.task_chunk is None and start == C:   # size the remaining chunks from the first task's graph
-                budget = LEAN_CHUNK_BYTES.get(batch.support_x.device.type, LEAN_CHUNK_BYTES["cpu"])
-                chunk = max(1, min(T, budget // max(saved[0], 1)))
-        task_losses = fn.PrecomputedGrad.apply(torch.cat(losses), 1.0 / T, [torch.cat(rows[n]) for n in names],
-                                               shared_sum, *[theta[n] for n in names], *shared)
-        query_loss = task_losses.mean()
-        acc = torch.cat(accs) if accs else None
-        return MetaLossOutput(query_loss, query_loss, None if acc is None else acc.mean(), task_losses, acc,
-                              torch.cat(samples), _mean_diagnostics(diags, T))
 
     def _outer(self, batch: TaskBatch, fast: fn.Params, diag: dict, create_graph: bool,
                step_losses: list[torch.Tensor] | None = None, outer_terms: bool = True) -> MetaLossOutput:
         out = self.forward_batched(fast, batch.query_x, self.needs_features)
         out, feats = out if self.needs_features else (out, None)
-        self._check_targets(out, batch.query_y, "query")
+        checks.check_targets(self.loss_kind, out, batch.query_y, "query")
         samples = self.loss_of(out, batch.query_y, per_sample=True)
         task_losses = samples.mean(dim=1)
         query_loss = task_losses.mean()
@@ -360,10 +213,7 @@ class MAML(nn.Module):
             fast, _, diag = self._inner_loop(batch.support_x, batch.support_y, steps, create_graph=False,
                                              keep_graph=False)
         with torch.no_grad():
-            out = self._outer(batch, fast, diag, create_graph=False, outer_terms=outer_terms)
-        return MetaLossOutput(*(map_tensors(lambda t: t.detach(), getattr(out, f)) for f in
-                                ("loss", "query_loss", "query_accuracy", "task_losses", "task_accuracies",
-                                 "sample_losses", "diagnostics")))
+            return self._outer(batch, fast, diag, create_graph=False, outer_terms=outer_terms).detached()
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, inner_steps: int | None = None,
               create_graph: bool | None = None) -> fn.Params:
@@ -390,23 +240,6 @@ class MAML(nn.Module):
 
     def forward(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
         return self.meta_loss(batch, first_order)
-
-
-def _mean_diagnostics(parts: list[tuple[int, dict]], total: int) -> dict:
-    """Per-chunk diagnostics (task means) → meta-batch means, weighted by chunk size."""
-    if len(parts) == 1:
-        return parts[0][1]
-
-    def combine(values: list, weights: list[float]):
-        first = values[0]
-        if isinstance(first, torch.Tensor) and first.dim() == 0:
-            return sum(w * v for w, v in zip(weights, values)) / total
-        if isinstance(first, dict):
-            return {k: combine([v[k] for v in values], weights) for k in first}
-        return first   # anything else: the first chunk's value
-
-    keys = parts[0][1].keys()
-    return {k: combine([d[k] for _, d in parts], [float(c) for c, _ in parts]) for k in keys}
 
 
 def _needs_grad(t: torch.Tensor) -> torch.Tensor:

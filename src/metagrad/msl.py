@@ -17,7 +17,7 @@ class MultiStepLoss(Plugin):
     meta-loss is the weighted sum. The core records each step's query loss while :attr:`records_step_losses`
     says so. The weights depend on the meta-iteration, which the training loop passes with
     :meth:`set_iteration` (through ``MAML.set_iteration``); before the first call, and from ``msl_iterations``
-    on, the term is off and the learner is plain MAML (lean memory included).
+    on, the term is off and the learner is plain MAML.
 
     Args:
         msl_iterations: meta-iterations over which the weights anneal to the last step (>= 1).
@@ -44,10 +44,6 @@ class MultiStepLoss(Plugin):
     @property
     def records_step_losses(self) -> bool:
         return self.iteration is not None and self.iteration < self.msl_iterations
-
-    @property
-    def neutral(self) -> bool:
-        return not self.records_step_losses
 
     def weights(self, steps: int) -> torch.Tensor | None:
         """The weights of the ``steps`` step losses, annealed from uniform to the last step; None when off."""

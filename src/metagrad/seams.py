@@ -35,11 +35,10 @@ attribute never widens what plug-ins can depend on.
 Declarations (what the rest of the package asks a plug-in instead of naming it):
 
 - ``task_group_size``: the plug-in relates consecutive tasks of a meta-batch in groups of this size (see
-  :func:`metagrad.tasks.task_groups`), so a meta-batch split across ranks keeps them whole; 1, the default, means
-  the tasks are independent and any split is fine.
+  :func:`metagrad.tasks.task_groups`), so a meta-batch split across ranks, or into the chunks of
+  :func:`metagrad.chunks.meta_backward`, keeps them whole; 1, the default, means the tasks are independent and any
+  split is fine. (Every outer term is a mean over tasks of per-task terms: that is what makes such splits exact.)
 - ``records_step_losses``: the core records the query loss after every inner step for the outer terms.
-- ``neutral``: the plug-in changes nothing at present (e.g. the multi-step loss once annealed), so the learner may
-  run as plain MAML (``memory="lean"``).
 - ``figures``: the report figures its logged diagnostics make, as specs (:class:`LayerFigure`,
   :class:`MatrixFigure`, :class:`VersusFigure`) naming the diagnostic keys and their labels; the report draws them
   generically.
@@ -102,7 +101,8 @@ class InnerContext:
         return self.view.loss(self.forward(params), self.support_y, per_sample)
 
     def log(self, name: str, value: Any) -> None:
-        """Record a diagnostic (tensors are stored detached) for this meta-batch."""
+        """Record a diagnostic (tensors are stored detached) for this meta-batch; a scalar is read as a mean over
+        its tasks (:func:`metagrad.chunks.meta_backward` averages its chunks' by their tasks)."""
         self.diagnostics[name] = map_tensors(torch.Tensor.detach, value)
 
 
@@ -130,7 +130,8 @@ class OuterContext:
         return self.view.forward(params, x, return_features)
 
     def log(self, name: str, value: Any) -> None:
-        """Record a diagnostic (tensors are stored detached) for this meta-batch."""
+        """Record a diagnostic (tensors are stored detached) for this meta-batch; a scalar is read as a mean over
+        its tasks (:func:`metagrad.chunks.meta_backward` averages its chunks' by their tasks)."""
         self.diagnostics[name] = map_tensors(torch.Tensor.detach, value)
 
 
@@ -189,7 +190,6 @@ class Plugin(nn.Module):
 
     needs_features: bool = False
     records_step_losses: bool = False
-    neutral: bool = False
     name: str = "plugin"
     figures: ClassVar[tuple[FigureSpec, ...]] = ()
 

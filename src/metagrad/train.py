@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as D
+from .chunks import meta_backward
 from .data import Benchmark
 from .evaluation import (
     RunError,
@@ -316,9 +317,8 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
     out = None
     s.learner.set_iteration(it)   # the MAML++ schedules: derivative order, multi-step loss weights
     if len(part):
-        with autocast(device, s.precision):
-            out = s.learner.meta_loss(part.to(device))
-        out.loss.backward()
+        with autocast(device, s.precision):   # the forwards only: meta_backward's backwards leave autocast
+            out = meta_backward(s.learner, part.to(device))
         values = {"loss": out.loss, "query_loss": out.query_loss, "accuracy": out.query_accuracy}
         diagnostics = {**sample_loss_quantiles(out.sample_losses), **flatten_diagnostics(out.diagnostics)}
     if d.active:
