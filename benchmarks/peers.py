@@ -54,7 +54,7 @@ def reference_conv4(model: Conv4) -> nn.Module:
         conv = nn.Conv2d(block.conv.in_channels, block.conv.out_channels, 3, padding=1,
                          bias=block.conv.bias is not None)
         layers += [conv, nn.BatchNorm2d(conv.out_channels, eps=block.bn.eps, track_running_stats=False), nn.ReLU()]
-        if block.pool == "max":
+        if isinstance(block.pool, nn.MaxPool2d):
             layers.append(nn.MaxPool2d(2))
     layers += [nn.Flatten(), nn.Linear(model.head.in_features, model.head.out_features)]
     net = nn.Sequential(*layers).to(model.head.weight)
