@@ -25,9 +25,8 @@ CASES = {
     "maml": ([], {}, None),
     **{key: ([key], {}, None) for key in KEYS},
     "all": (KEYS, {"learn_inner_lr": "per_step"}, None),
-    # MAML++ schedules: the multi-step loss at iteration 1 of 10, first order below iteration 2 (so this case is
-    # first order whatever `first_order` says: meta_backward follows the learner's annealed order).
-    "all+schedules": (KEYS, {"multi_step_loss": True, "msl_iterations": 10, "first_order_iterations": 2}, 1),
+    # MAML++ schedules: the multi-step loss at iteration 1 of 10, with per-step rates.
+    "all+schedules": (KEYS, {"multi_step_loss": True, "msl_iterations": 10, "learn_inner_lr": "per_step"}, 1),
     "maml+msl": ([], {"multi_step_loss": True, "msl_iterations": 10}, 3),
     # CML's conv co-learner reads a tap (the input of Conv4's last pooling), recomputed like any forward
     "cml-conv": ([("cml", {"head": "conv"})], {}, None),

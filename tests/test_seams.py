@@ -289,22 +289,26 @@ def test_multi_step_loss_needs_annealing_iterations():
 
 
 def test_first_order_annealing():
-    """First order (its hand-written loop) for the first 10 iterations, second order from the 10th on, and
-    second order for a learner never told the iteration; ``meta_loss(first_order=...)`` overrides the order."""
+    """The training loop decides the order (``train.first_order_at``): first order (its hand-written loop) for
+    the first 10 iterations, second order from the 10th on; ``meta_loss(first_order=...)`` takes it, and the
+    learner's own ``first_order`` is the default."""
+    from metagrad.config import MAMLConfig
+    from metagrad.train import first_order_at
+
     batch = regression_batch()
     model = model64()
     _, fo = reference_meta_grad(model, batch, 0.1, 1, True, mse)
     _, so = reference_meta_grad(model, batch, 0.1, 1, False, mse)
     assert max(((a - b).norm() / b.norm()).item() for a, b in zip(fo, so)) > 1e-3
-    learner = MAML(model, inner_lr=0.1, loss="mse", first_order_iterations=10)
+    learner = MAML(model, inner_lr=0.1, loss="mse")
     got = torch.autograd.grad(learner.meta_loss(batch).loss, list(model.parameters()))
-    assert_close_rel(got, so, 1e-10)                              # no iteration told: no schedule
+    assert_close_rel(got, so, 1e-10)                              # the learner's order: second
+    mc = MAMLConfig(first_order_iterations=10)
     for iteration, want in ((0, fo), (9, fo), (10, so), (50, so)):
-        learner.set_iteration(iteration)
-        got = torch.autograd.grad(learner.meta_loss(batch).loss, list(model.parameters()))
+        got = torch.autograd.grad(learner.meta_loss(batch, first_order=first_order_at(mc, iteration)).loss,
+                                  list(model.parameters()))
         assert_close_rel(got, want, 1e-10)
-    got = torch.autograd.grad(learner.meta_loss(batch, first_order=True).loss, list(model.parameters()))
-    assert_close_rel(got, fo, 1e-10)
+    assert all(first_order_at(MAMLConfig(first_order=True, first_order_iterations=10), i) for i in (0, 10, 50))
 
 
 def test_an_inner_rate_rule_given_as_an_object_equals_its_mode():

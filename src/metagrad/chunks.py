@@ -29,7 +29,7 @@ whose forward has side effects, e.g. BatchNorm tracking running statistics, has 
 
 Example:
     >>> opt.zero_grad()
-    >>> learner.set_iteration(it)                     # the MAML++ schedules, as for meta_loss
+    >>> learner.set_iteration(it)                     # the plug-ins' schedules (multi-step loss weights)
     >>> out = meta_backward(learner, batch)           # gradients in .grad of the model's and plug-ins' parameters
     >>> opt.step(); print(out.loss, out.query_accuracy)   # the whole batch's values, detached
 """
@@ -64,7 +64,7 @@ def meta_backward(learner: nn.Module, batch: TaskBatch, chunk: int | None = None
         batch: the meta-batch.
         chunk: tasks per chunk, rounded to whole task groups (at least one); None: sized from the bytes the
             first chunk's graph saves against ``CHUNK_BYTES``, recomputing forwards where one group exceeds it.
-        first_order: as for ``meta_loss`` (None: the learner's order, annealed by ``set_iteration``).
+        first_order: as for ``meta_loss`` (None: the learner's order).
 
     Returns:
         A :class:`~metagrad.MetaLossOutput`: ``loss`` and ``query_loss`` are the whole batch's means, the per-task

@@ -86,7 +86,7 @@ def make_learner(cfg: C.Config, bench: Benchmark) -> MAML:
                 eval_inner_steps=mc.eval_inner_steps, first_order=mc.first_order, adapt=mc.adapt,
                 loss="mse" if bench.task_type == "regression" else "cross_entropy", plugins=plugins,
                 learn_inner_lr=mc.learn_inner_lr, multi_step_loss=mc.multi_step_loss,
-                msl_iterations=mc.msl_iterations, first_order_iterations=mc.first_order_iterations)
+                msl_iterations=mc.msl_iterations)
 
 
 def device_of(name: str) -> torch.device:

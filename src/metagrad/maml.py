@@ -59,13 +59,11 @@ class MAML(nn.Module):
         multi_step_loss: MAML++ MSL: adds a :class:`~metagrad.msl.MultiStepLoss` outer term (the query loss after
             every inner step, weights annealed to the last one over ``msl_iterations`` meta-iterations, >= 1;
             without annealing, leave the option off). Its schedule follows :meth:`set_iteration`.
-        first_order_iterations: MAML++ derivative-order annealing: first order for the meta-iterations below this
-            one, as :meth:`set_iteration` reports them.
 
     Example:
         >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
         >>> opt = torch.optim.Adam(learner.parameters(), 1e-3)
-        >>> learner.set_iteration(it)                 # only the MAML++ schedules need it
+        >>> learner.set_iteration(it)                 # only plug-ins' schedules (MAML++ MSL) need it
         >>> out = learner.meta_loss(batch)            # batch: a TaskBatch
         >>> out.loss.backward(); opt.step()           # or metagrad.meta_backward(learner, batch): bounded memory
         >>> fast = learner.adapt(support_x, support_y); pred = learner.predict(fast, query_x)
@@ -74,15 +72,13 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, inner_lr: float | lr_rules.InnerLR = 0.4, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
                  loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
-                 multi_step_loss: bool = False, msl_iterations: int = 0, first_order_iterations: int = 0) -> None:
+                 multi_step_loss: bool = False, msl_iterations: int = 0) -> None:
         super().__init__()
         checks.learner_options(adapt, loss, inner_steps, eval_inner_steps)
         plugins = [*plugins, *([MultiStepLoss(msl_iterations)] if multi_step_loss else [])]
         self.model, self.inner_steps = model, int(inner_steps)
         self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
         self.first_order, self.adapt_mode, self.loss_kind = bool(first_order), adapt, loss
-        self.first_order_iterations = int(first_order_iterations)
-        self.order_now = self.first_order   # the order meta_loss takes by default; set_iteration anneals it
         self.adapted = fn.adapted_names(model, adapt)
         shapes = [fn.meta_params(model)[n].shape for n in self.adapted]
         self.inner_lr = inner_lr if isinstance(inner_lr, lr_rules.InnerLR) else \
@@ -166,18 +162,17 @@ class MAML(nn.Module):
 
     # -- public API --------------------------------------------------------------------------------------------
     def set_iteration(self, iteration: int) -> None:
-        """The meta-iteration about to run, for the MAML++ schedules: the derivative order (first order below
-        ``first_order_iterations``) and every plug-in's ``set_iteration`` (the multi-step loss weights). The
-        training loop calls it before each :meth:`meta_loss`; without it, no schedule runs."""
-        self.order_now = self.first_order or iteration < self.first_order_iterations
+        """The meta-iteration about to run, for the plug-ins' schedules (:meth:`Plugin.set_iteration`, e.g. the
+        multi-step loss weights). The training loop calls it before each meta-gradient; without it, no schedule
+        runs. (MAML++'s derivative-order annealing is the training loop's: it passes ``first_order``.)"""
         for p in self.plugins:
             p.set_iteration(iteration)
 
     def meta_loss(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
         """The differentiable meta-objective of a meta-batch (training mode), its graph held whole until the backward
         (:func:`~metagrad.chunks.meta_backward` takes the same gradient chunk by chunk). ``first_order`` overrides
-        the order of this call (default: ``first_order``, or as :meth:`set_iteration` annealed it)."""
-        first_order = self.order_now if first_order is None else bool(first_order)
+        the order of this call (default: the learner's ``first_order``)."""
+        first_order = self.first_order if first_order is None else bool(first_order)
         query = (batch.query_x, batch.query_y) if any(p.records_step_losses for p in self.plugins) else None
         fast, step_losses, diag = self._inner_loop(batch.support_x, batch.support_y, self.inner_steps,
                                                    create_graph=not first_order, keep_graph=True, query=query)

@@ -302,7 +302,15 @@ def meta_lr(t: C.TrainConfig, it: int) -> float:
     return t.meta_lr_min + (t.meta_lr - t.meta_lr_min) * (1 + math.cos(math.pi * it / t.iterations)) / 2
 
 
-def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -> dict[str, Any] | Fault:
+def first_order_at(m: C.MAMLConfig, it: int) -> bool:
+    """Whether meta-iteration ``it`` (0-based) takes a first-order meta-gradient: always with ``first_order``,
+    else below ``first_order_iterations`` (MAML++'s derivative-order annealing, Antoniou et al., "How to train
+    your MAML", ICLR 2019). The training loop decides it per step, as it does the step size."""
+    return m.first_order or it < m.first_order_iterations
+
+
+def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None,
+          first_order: bool) -> dict[str, Any] | Fault:
     """One meta-update on training batch ``it``; returns the values to log, or a :class:`Fault` if it was skipped.
 
     With several ranks each takes its share of the batch (whole task groups of the plug-ins) and the gradients,
@@ -315,10 +323,10 @@ def _step(s: _Session, it: int, device: torch.device, grad_clip: float | None) -
     values: dict[str, Any] = {"loss": None, "query_loss": None, "accuracy": None}
     diagnostics: dict[str, Any] = {}
     out = None
-    s.learner.set_iteration(it)   # the MAML++ schedules: derivative order, multi-step loss weights
+    s.learner.set_iteration(it)   # the plug-ins' schedules (the multi-step loss weights)
     if len(part):
         with autocast(device, s.precision):   # the forwards only: meta_backward's backwards leave autocast
-            out = meta_backward(s.learner, part.to(device))
+            out = meta_backward(s.learner, part.to(device), first_order=first_order)
         values = {"loss": out.loss, "query_loss": out.query_loss, "accuracy": out.query_accuracy}
         diagnostics = {**sample_loss_quantiles(out.sample_losses), **flatten_diagnostics(out.diagnostics)}
     if d.active:
@@ -394,7 +402,7 @@ def _loop(cfg: C.Config, run_dir: Path, s: _Session, device: torch.device, progr
             lr = meta_lr(t, it)
             for group in s.opt.param_groups:
                 group["lr"] = lr
-            res = _step(s, it, device, t.grad_clip)
+            res = _step(s, it, device, t.grad_clip, first_order_at(cfg.maml, it))
             done = it + 1
             if isinstance(res, Fault):
                 _bad_step(cfg, run_dir, s, it, res)
