@@ -7,6 +7,7 @@ import json
 import pytest
 
 from metagrad import config as C
+from metagrad import rundir
 
 
 def test_every_preset_resolves():
@@ -110,7 +111,7 @@ def test_toml_file_with_relative_extends_and_bad_keys(tmp_path):
 
 def test_save_and_load_round_trip(tmp_path):
     cfg = C.resolve("harmonic-5shot", ["plugins=cml", "plugin_args.cml.weight=0.25", "train.grad_clip=10"])
-    C.save(cfg, tmp_path / "config.json")
+    rundir.write_config(tmp_path, cfg)
     assert json.loads((tmp_path / "config.json").read_text())["plugin_args"] == {"cml": {"weight": 0.25}}
     assert C.load(tmp_path / "config.json") == cfg
     assert C.resolve(json.loads((tmp_path / "config.json").read_text())) == cfg

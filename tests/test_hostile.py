@@ -14,6 +14,7 @@ import torch
 
 from metagrad import checkpoint as ckpt
 from metagrad import config as C
+from metagrad import rundir
 from metagrad.cli import main
 from metagrad.train import train
 
@@ -247,7 +248,7 @@ def test_eval_without_a_checkpoint_says_nothing_to_evaluate(done, tmp_path, caps
 
 def test_eval_refuses_a_config_json_of_another_run(done, tmp_path, capsys):
     run = copy_of(done, tmp_path)
-    C.save(C.resolve("sinusoid-5shot"), run / "config.json")
+    rundir.write_config(run, C.resolve("sinusoid-5shot"))
     before = snapshot(run)
     assert main(["eval", str(run), "--tasks", "2"]) == 2
     one_line_error(capsys, "config.json", "benchmark.shots")

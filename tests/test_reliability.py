@@ -32,6 +32,7 @@ from PIL import Image
 from metagrad import MAML, TaskBatch, data
 from metagrad import checkpoint as ckpt
 from metagrad import config as C
+from metagrad import rundir
 from metagrad.cli import main
 from metagrad.data import folders
 from metagrad.data.errors import DataError
@@ -359,7 +360,7 @@ def test_other_run_files_survive_kills_mid_write(reference, tmp_path):
 
     early = tmp_path / "early"  # killed after writing config.json and a metrics line, before any checkpoint
     early.mkdir()
-    C.save(tiny(iterations=12), early / "config.json")
+    rundir.write_config(early, tiny(iterations=12))
     (early / "metrics.jsonl").write_text(json.dumps({"iteration": 2, "loss": 9.0}) + "\n")
     with pytest.warns(ckpt.CheckpointWarning, match="no checkpoint yet"):
         train(tiny(iterations=12), early, resume=True, progress=False, plot=False)
@@ -367,7 +368,7 @@ def test_other_run_files_survive_kills_mid_write(reference, tmp_path):
 
 
 def test_config_json_is_written_atomically(tmp_path, monkeypatch):
-    C.save(tiny(), tmp_path / "config.json")
+    rundir.write_config(tmp_path, tiny())
     before = (tmp_path / "config.json").read_text()
 
     def die(*_a, **_k):
@@ -375,7 +376,7 @@ def test_config_json_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
-        C.save(tiny("train.seed=3"), tmp_path / "config.json")
+        rundir.write_config(tmp_path, tiny("train.seed=3"))
     assert (tmp_path / "config.json").read_text() == before
 
 

@@ -428,14 +428,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as JSON (the stdlib has no TOML writer; JSON reads back the same).
-
-    Written to a temporary file and renamed into place: a kill mid-write never leaves half a config.
-    """
-    from .rundir import write_atomic
-
-    write_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
+def dumps(cfg: Config) -> str:
+    """The resolved config as JSON text (the stdlib has no TOML writer; JSON reads back the same through
+    :func:`load`). :func:`metagrad.rundir.write_config` writes it into a run directory atomically."""
+    return json.dumps(to_dict(cfg), indent=2) + "\n"
 
 
 def load(path: str | Path) -> Config:
@@ -467,5 +463,5 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 __all__ = ["ADAPT", "INNER_LR_MODES", "MODELS", "POOLS", "PRECISIONS", "SCHEDULES", "SPLITS", "BenchmarkConfig",
            "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig", "all_keys", "choices",
-           "diff", "from_dict", "limits", "load", "load_preset", "presets", "resolve", "save", "set_value",
+           "diff", "dumps", "from_dict", "limits", "load", "load_preset", "presets", "resolve", "set_value",
            "to_dict", "validate"]

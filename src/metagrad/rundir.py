@@ -30,10 +30,9 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import Config
+from .config import Config, dumps, load
 
 # ------------------------------------------------------------------------------------------------ file names
 CONFIG = "config.json"
@@ -169,17 +168,13 @@ def check_files(folder: str | os.PathLike[str], names: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------------------------ config
 def read_config(run_dir: str | os.PathLike[str]) -> Config:
     """The run's ``config.json`` as a checked Config (ConfigError, one line, when missing or bad)."""
-    from .config import load
-
     return load(Path(run_dir) / CONFIG)
 
 
 def write_config(run_dir: str | os.PathLike[str], cfg: Config) -> Path:
-    """Write the resolved config as the run's ``config.json``; returns its path."""
-    from .config import save
-
+    """Write the resolved config as the run's ``config.json`` (atomically); returns its path."""
     path = Path(run_dir) / CONFIG
-    save(cfg, path)
+    write_atomic(path, dumps(cfg))
     return path
 
 
