@@ -29,10 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
-from metagrad import MAML, TaskBatch, data
+from metagrad import MAML, TaskBatch, data, rundir
 from metagrad import checkpoint as ckpt
 from metagrad import config as C
-from metagrad import rundir
 from metagrad.cli import main
 from metagrad.data import folders
 from metagrad.data.errors import DataError
