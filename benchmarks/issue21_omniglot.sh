@@ -6,7 +6,7 @@
 # Two lanes, one thread each (the 2-core machine):
 #   lane 1: α 0.5 × 1 (MAML, CML), then Finn's setting (MAML, TRLearner, Meta-GNA, CML, CxGrad), then the
 #           no-norm MAML of Finn's setting (CxGrad's baseline);
-#   lane 2: the α 0.01 × 5 MAML pilot until the plateau criterion fixes its budget N (4,000, 6,000, …), then
+#   lane 2: the α 0.01 × 5 MAML pilot until the plateau criterion fixes its budget N (it did at 4,000), then
 #           that study (MAML, Meta-GNA, CxGrad).
 # After each study its small results are copied to results/ (benchmarks/keep_results.py); commit them.
 #
