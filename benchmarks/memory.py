@@ -37,17 +37,6 @@ import torch
 
 import metagrad
 from metagrad import MAML, methods
-from metagrad.models import Conv4
-
-
-def batch_of(args: argparse.Namespace) -> metagrad.TaskBatch:
-    if args.data_root is None:
-        from scaling import random_batch
-
-        return random_batch(args.meta_batch, 5, 28, queries=args.queries)
-    bench = metagrad.data.create("omniglot", "train", ways=5, shots=1, queries=args.queries,
-                                 meta_batch_size=args.meta_batch, seed=0, root=args.data_root)
-    return bench.batch(0)
 
 
 def measure(step, params: list[torch.nn.Parameter]) -> int:
@@ -65,10 +54,12 @@ def measure(step, params: list[torch.nn.Parameter]) -> int:
 
 def rows(args: argparse.Namespace) -> list[dict]:
     import peers
+    from speed import Case
 
+    case = Case("Omniglot 5w1s", "omniglot", 5, 1, args.queries, args.meta_batch, args.inner_lr, "cross_entropy")
     torch.manual_seed(0)
-    model = Conv4(1, 5, 64, image_size=28)
-    batch = batch_of(args)
+    model = case.model()
+    batch = case.batch(args.data_root, random_images=args.data_root is None)
     setup = peers.Setup(args.inner_lr, 1, False, "cross_entropy")
     loop = peers.build("loop", model, setup)
     out = [{"row": "loop", "bytes": measure(lambda: loop.meta_gradient(batch), loop.params())}]
@@ -76,7 +67,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     combos.append(("MAML + " + " + ".join(methods.available()), list(methods.available())))
     for label, keys in combos:
         torch.manual_seed(0)
-        learner = MAML(Conv4(1, 5, 64, image_size=28), inner_lr=args.inner_lr,
+        learner = MAML(case.model(), inner_lr=args.inner_lr,
                        plugins=[methods.create(k) for k in keys])
         learner.model.load_state_dict(model.state_dict())
         params = list(learner.parameters())
