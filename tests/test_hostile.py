@@ -302,3 +302,27 @@ def test_image_cache_is_keyed_by_the_archives_contents(tmp_path, monkeypatch):
     assert archive.stat().st_size == st.st_size and archive.stat().st_mtime_ns == st.st_mtime_ns
     again = load(3)
     assert not again.hit and again.data["x"][0] == 3
+
+
+def test_cache_folder_is_created_below_missing_parents(tmp_path, monkeypatch):
+    """A fresh machine has no ~/.cache: the cache folder and its missing parents are created, not skipped;
+    a read-only ancestor is still refused."""
+    from metagrad.data.cache import cached
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("METAGRAD_CACHE", str(home / ".cache" / "metagrad"))
+    first = cached("t", "k", lambda: {"x": torch.ones(2)}, None)
+    assert first.path is not None and first.path.parent == home / ".cache" / "metagrad" and not first.hit
+    assert cached("t", "k", lambda: {"x": torch.zeros(2)}, None).hit
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setenv("METAGRAD_CACHE", str(locked / "a" / "b"))
+    locked.chmod(0o555)
+    try:
+        with pytest.warns(UserWarning, match="no writable cache folder"):
+            assert cached("t", "k", lambda: {"x": torch.ones(2)}, None).path is None
+    finally:
+        locked.chmod(0o755)
+    assert not (locked / "a").exists()

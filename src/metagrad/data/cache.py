@@ -77,7 +77,9 @@ def cache_dirs(root: Path | None, cache_dir: str | os.PathLike[str] | None = Non
 def _writable(d: Path) -> bool:
     # Respect read-only permission bits even when running as root (os.access says yes to root): a shared data
     # folder marked read-only must never receive a cache.
-    probe = d if d.exists() else d.parent
+    probe = d
+    while not probe.exists() and probe != probe.parent:  # ~/.cache/metagrad on a fresh machine: ~/.cache decides
+        probe = probe.parent
     try:
         return bool(probe.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(probe, os.W_OK)
     except OSError:
