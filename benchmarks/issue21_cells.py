@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keep_results import keep  # noqa: E402
+from keep_results import keep
 
-from metagrad import study as S  # noqa: E402
-from metagrad.rundir import write_manifest  # noqa: E402
+from metagrad import study as S
+from metagrad.rundir import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
