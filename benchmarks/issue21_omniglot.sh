@@ -6,7 +6,7 @@
 # (benchmarks/issue21_cells.py) and skipped once kept; an unfinished cell resumes from its last checkpoint while
 # its run directory exists. Budgets are the studies' own (fixed on validation: Finn 6,000, α 0.01 × 5 4,000).
 # Two lanes, one thread each (the 2-core machine):
-#   lane 1: Finn's setting (MAML, CML, TRLearner, Meta-GNA, CxGrad), then its no-norm MAML (CxGrad's baseline);
+#   lane 1: Finn's setting (MAML, TRLearner, then the shared-setting view: CML, Meta-GNA, CxGrad), then its no-norm MAML (CxGrad's baseline);
 #   lane 2: α 0.01 × 5 (MAML seed 2, Meta-GNA, CxGrad).
 # Commit results/ after each kept cell.
 #
@@ -29,8 +29,8 @@ cells() {  # $1 study, $2 results folder, then METHOD:SEED ...
   "$PY" benchmarks/issue21_cells.py "$@" >> "$L/$2.log" 2>&1
 }
 lane1() {
-  cells issue21-omniglot-finn issue21-finn maml:0 maml:1 maml:2 cml:0 cml:1 cml:2 trlearner:0 trlearner:1 \
-      trlearner:2 meta_gna:0 meta_gna:1 meta_gna:2 cxgrad:0 cxgrad:1 cxgrad:2
+  cells issue21-omniglot-finn issue21-finn maml:0 maml:1 maml:2 trlearner:0 trlearner:1 trlearner:2 \
+      cml:0 cml:1 cml:2 meta_gna:0 meta_gna:1 meta_gna:2 cxgrad:0 cxgrad:1 cxgrad:2
   cells issue21-omniglot-finn-no-norm issue21-finn-no-norm maml:0 maml:1 maml:2
 }
 lane2() {
