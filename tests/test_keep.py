@@ -46,6 +46,7 @@ def test_a_lost_study_resumes_from_what_is_kept(tmp_path):
     manifest = json.loads((kept / "study.json").read_text())
     order = [f"{c['method']}:{c['seed']}" for c in manifest["cells"]]
     assert order == ["maml:0", "maml:1", "meta_gna:0", "meta_gna:1", "cxgrad:0", "cxgrad:1"]   # the grid's order
+    assert manifest["cells"][0]["status"] == "trained"   # the kept cell's record still says how it was made
     # The report at the end reads the kept folder: every cell, the kept one too.
     table = second.report.read_text().split("## Test results")[1].split("##")[0]
     rows = [r for r in table.splitlines() if r.startswith("| sinusoid-5shot |")]

@@ -312,8 +312,8 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
     def note(i: int, rec: dict[str, Any]) -> None:
         records[i] = rec
         merge_manifest(out, header, [rec], order)
-        if keep is not None:
-            if rec["status"] not in ("n/a", "failed", "kept"):
+        if keep is not None and rec["status"] != "kept":  # a kept cell's record there says how it was made
+            if rec["status"] not in ("n/a", "failed"):
                 keep_run(rec["run_dir"], kept_dir(grid[i]))
             merge_manifest(keep, header, [rec], order)
         if progress:
