@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--keep", metavar="DIR", help="copy each finished cell's small results (config, records, "
                     "per-task scores, curve; no checkpoints) to DIR as it finishes; skip cells DIR holds already")
     st.add_argument("--only", action="append", default=[], metavar="METHOD[:SEED]",
-                    help="run only these cells (repeatable), e.g. --only maml:0 --only cml")
+                    help="run only these cells (repeatable), e.g. --only maml:0 --only maml:2")
 
     rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")
