@@ -4,7 +4,9 @@
 Omniglot cells must all run on one commit (1515b74, a git worktree FROZEN), whatever the package becomes while
 they run: each cell trains in a child process on FROZEN's code (:func:`metagrad.study.run_cell` of that
 commit, exactly as its study would), then this process keeps the cell's small results in ``results/OUT`` and
-its status record in ``results/OUT/study.json`` (:mod:`metagrad.keep`). Cells already kept are skipped.
+its status record in ``results/OUT/study.json`` (:mod:`metagrad.keep`). Cells already kept at the
+study's budget are skipped; one kept at another budget runs on to it (from its checkpoint, if the run directory
+still has one).
 
     python benchmarks/issue21_cells.py --frozen ../study issue21-omniglot-finn issue21-finn maml:0 maml:1
 """
@@ -50,7 +52,7 @@ def main() -> None:
     for cell in chosen:
         kept = dest / Path(cell.run_dir).relative_to(runs)
         name = f"{cell.method}:{cell.seed}"
-        if (kept / "eval.json").is_file():
+        if S.is_kept(S.cell_config(study, cell), kept, study.cross_domain.get(cell.preset, [])):
             print(f"{name}: already kept in {kept}", flush=True)
             continue
         child = subprocess.run([sys.executable, "-c", CHILD, str(toml), str(runs), cell.method, str(cell.seed)],

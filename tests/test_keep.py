@@ -76,3 +76,18 @@ def test_only_names_cells_or_says_which_exist(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("metagrad: error: --only 'maml:7' names no cell") and "\n" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_cell_kept_at_another_budget_runs_on_to_the_new_one(tmp_path):
+    out, kept = tmp_path / "runs", tmp_path / "results"
+    run_study(study(), out, keep=kept, only=["maml:0"], report=False, progress=False)
+    cell = kept / "sinusoid-5shot" / "maml" / "seed0"
+    assert {r["iteration"] for r in json.loads((cell / "eval.json").read_text())} == {10}
+    longer = Study(**{**study().__dict__, "set": [*TINY, "train.iterations=20"]})   # the budget's N moved on
+    result = run_study(longer, out, keep=kept, only=["maml:0"], report=False, progress=False)
+    assert statuses(result) == {"maml:0": "resumed"}   # from its checkpoint at 10, not from the start
+    assert {r["iteration"] for r in json.loads((cell / "eval.json").read_text())} == {10, 20}
+    curve = [json.loads(line)["iteration"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert max(curve) == 20
+    again = run_study(longer, out, keep=kept, only=["maml:0"], report=False, progress=False)
+    assert statuses(again) == {"maml:0": "kept"}

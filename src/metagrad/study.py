@@ -270,7 +270,11 @@ def _run_cell_job(args: tuple[Cell, C.Config, list[str]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the grid
-def _kept(cfg: C.Config, kept: Path, cross_domain: Sequence[str]) -> bool:
+def is_kept(cfg: C.Config, kept: Path, cross_domain: Sequence[str] = ()) -> bool:
+    """True if the kept copy ``kept`` of a cell holds its test scores at the cell's budget, cross-domain included.
+
+    A copy kept at another budget (the study's N changed since) is not kept: the cell runs on to the new N.
+    """
     from .evaluation import read_records
 
     if not (kept / "eval.json").is_file() or not _done(cfg, kept):
@@ -325,7 +329,7 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
     jobs_args = [(c, cfg, study.cross_domain.get(c.preset, [])) for c, cfg in zip(grid, configs)]
     todo = []
     for i, (c, cfg, cross) in enumerate(jobs_args):
-        if keep is not None and _kept(cfg, kept_dir(c), cross):
+        if keep is not None and is_kept(cfg, kept_dir(c), cross):
             note(i, {**asdict(c), "status": "kept", "reason": "", "kept": str(kept_dir(c))})
         else:
             todo.append(i)
