@@ -33,7 +33,7 @@ lane1() {
       cml:0 cml:1 cml:2 meta_gna:0 meta_gna:1 meta_gna:2 cxgrad:0 cxgrad:1 cxgrad:2
   cells issue21-omniglot-finn-no-norm issue21-finn-no-norm maml:0 maml:1 maml:2
 }
-PILOT_N=${PILOT_N:-6000}  # the α 0.01 × 5 budget being checked on validation
+PILOT_N=${PILOT_N:-8000}  # the α 0.01 × 5 budget being checked on validation
 pilot() {  # MAML at α 0.01 × 5, seeds 2 0 1, to PILOT_N with eval.split=val, in the study's own cell directories
   local d=runs/issue21-a001x5/omniglot-5w1s-a001x5-plateau/maml s r
   for s in 2 0 1; do
