@@ -37,6 +37,8 @@ PILOT_N=${PILOT_N:-8000}  # the α 0.01 × 5 budget being checked on validation
 pilot() {  # MAML at α 0.01 × 5, seeds 2 0 1, to PILOT_N with eval.split=val, in the study's own cell directories
   local d=runs/issue21-a001x5/omniglot-5w1s-a001x5-plateau/maml s r
   for s in 2 0 1; do
+    "$PY" -c "import json,sys; sys.exit(not any(r['iteration'] == $PILOT_N and r['split'] == 'val'
+        for r in json.load(open('$d/seed$s/eval.json'))))" 2>/dev/null && continue   # validated at PILOT_N
     r=; [ -f "$d/seed$s/checkpoint.pt" ] && r=--resume
     PYTHONPATH="$FROZEN/src" OMP_NUM_THREADS=1 "$PY" -m metagrad train --config omniglot-5w1s-a001x5-plateau \
         --out-dir "$d/seed$s" $r --no-progress --set train.iterations="$PILOT_N" eval.split=val train.seed=$s plugins=
