@@ -3,8 +3,8 @@
 #
 # Runs the cells from a frozen checkout of commit 1515b74 (a git worktree, default ../study), so that changes
 # to the package while the study runs cannot alter a cell. Each cell is kept in results/ as soon as it finishes
-# (benchmarks/issue21_cells.py: trained on the frozen code, kept by this checkout's) and skipped once kept; an
-# its run directory exists. Budgets are the studies' own (fixed on validation: Finn 6,000, α 0.01 × 5 4,000).
+# (benchmarks/issue21_cells.py: trained on the frozen code, kept by this checkout's) and skipped once kept; an unfinished cell
+# resumes from its checkpoint if its run directory exists. Budgets are the studies' own, fixed on validation (Finn 6,000; α 0.01 × 5: below).
 # Two lanes, one thread each (the 2-core machine):
 #   lane 1: Finn's setting (MAML, TRLearner, then the shared-setting view: CML, Meta-GNA, CxGrad), then its no-norm MAML (CxGrad's baseline);
 #   lane 2: α 0.01 × 5: its MAML runs to the next N on validation (the 4,000 of the study file was met by seed 0
@@ -37,8 +37,9 @@ PILOT_N=${PILOT_N:-8000}  # the α 0.01 × 5 budget being checked on validation
 pilot() {  # MAML at α 0.01 × 5, seeds 2 0 1, to PILOT_N with eval.split=val, in the study's own cell directories
   local d=runs/issue21-a001x5/omniglot-5w1s-a001x5-plateau/maml s r
   for s in 2 0 1; do
-    "$PY" -c "import json,sys; sys.exit(not any(r['iteration'] == $PILOT_N and r['split'] == 'val'
-        for r in json.load(open('$d/seed$s/eval.json'))))" 2>/dev/null && continue   # validated at PILOT_N
+    "$PY" -c "import sys; from metagrad.rundir import read_records; sys.exit(not any(
+        r.get('iteration') == $PILOT_N and r.get('split') == 'val' for r in read_records('$d/seed$s')))" \
+        && continue   # validated at PILOT_N
     r=; [ -f "$d/seed$s/checkpoint.pt" ] && r=--resume
     PYTHONPATH="$FROZEN/src" OMP_NUM_THREADS=1 "$PY" -m metagrad train --config omniglot-5w1s-a001x5-plateau \
         --out-dir "$d/seed$s" $r --no-progress --set train.iterations="$PILOT_N" eval.split=val train.seed=$s plugins=

@@ -271,7 +271,8 @@ def _run_cell_job(args: tuple[Cell, C.Config, list[str]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ the grid
 def is_kept(cfg: C.Config, kept: Path, cross_domain: Sequence[str] = ()) -> bool:
-    """True if the kept copy ``kept`` of a cell holds its test scores at the cell's budget, cross-domain included.
+    """True if the kept copy ``kept`` of a cell holds its final scores (``eval.split``) at the cell's budget,
+    cross-domain included.
 
     A copy kept at another budget (the study's N changed since) is not kept: the cell runs on to the new N.
     """
