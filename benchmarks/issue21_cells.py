@@ -96,5 +96,6 @@ def main() -> None:
                 header = {"study": asdict(study), "seeds": study.seeds, "overrides": [], "command": command}
                 merge_manifest(dest, header, [{**rec, "command": command}], [cell_key(asdict(c)) for c in grid])
 
+
 if __name__ == "__main__":
     main()
