@@ -68,7 +68,9 @@ def main() -> None:
     study = S.load_study(str(toml))
     runs, dest = ROOT / "runs" / args.out, ROOT / "results" / args.out
     grid = S.cells(study, runs)
-    chosen = S.select(grid, args.cells)
+    chosen: list[S.Cell] = []  # in the order named, so that two lanes can take the cells in different orders
+    for name in args.cells:
+        chosen += [c for c in S.select(grid, [name]) if c not in chosen]
     env = {**os.environ, "PYTHONPATH": str(args.frozen.resolve() / "src")}
     for cell in chosen:
         kept = dest / Path(cell.run_dir).relative_to(runs)
