@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21: cells of the Omniglot plateau study one at a time, each trained on both cores as two ranks of one
 # torchrun job (benchmarks/issue21_ddp.py), then kept by benchmarks/issue21_cells.py (test tasks scored once,
-# small results copied to results/). A cell at α 0.01 × 5 then fits in one working session (about 2.3 h)
+# small results copied to results/). A cell at α 0.01 × 5 then fits in one working session (about 2 h: 7,109 s for Meta-GNA seed 1)
 # where two one-thread lanes need about 4 h a cell: run directories need not outlive a session.
 #
 #   bash benchmarks/issue21_ddp.sh a001x5 meta_gna:1 cxgrad:0     # from the repository root; logs in runs/logs/
