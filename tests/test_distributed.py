@@ -234,6 +234,23 @@ def test_shard_weights_sum_to_one():
     assert torch.equal(torch.cat([p.support_x for p, _ in parts]), batch.support_x)
 
 
+def test_teardown_waits_for_every_rank_only_at_a_normal_end(monkeypatch, tmp_path):
+    """The normal end passes a barrier before leaving the group; an error path leaves at once (a peer may be dead);
+    a group the caller joined is left alone."""
+    calls: list[str] = []
+    monkeypatch.setattr(D.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    D.teardown(D.Context(0, 2, 0, owns_group=True), synchronize=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    D.teardown(D.Context(0, 2, 0, owns_group=True))
+    assert calls == ["destroy"]
+    calls.clear()
+    D.teardown(D.Context(0, 2, 0, owns_group=False), synchronize=True)
+    assert calls == []
+
+
 def test_nproc_under_torchrun_must_agree(monkeypatch, capsys):
     from metagrad.cli import main
 

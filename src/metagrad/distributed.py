@@ -103,9 +103,17 @@ def setup(device_name: str) -> tuple[Context, torch.device]:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=not initialised), device
 
 
-def teardown(ctx: Context) -> None:
-    """Leave the process group if :func:`setup` joined it."""
+def teardown(ctx: Context, synchronize: bool = False) -> None:
+    """Leave the process group if :func:`setup` joined it.
+
+    With ``synchronize`` (the normal end of training) every rank first waits at a barrier, so that all leave
+    together after the last collective: a rank that shuts its connections down while a peer is still busy with
+    the group can abort at exit (seen once in CI as "terminate called without an active exception" on the rank
+    that left first). On an error path leave without waiting: a peer may be dead.
+    """
     if ctx.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

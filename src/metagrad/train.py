@@ -214,6 +214,7 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
     try:
         s = _session(cfg, run_dir, resume, device, dctx)
         done = _loop(cfg, run_dir, s, device, progress, callback)
+        D.teardown(dctx, synchronize=True)   # every rank leaves the group together; rank 0 then evaluates alone
         if not dctx.is_main:
             return RunResult(run_dir, done, rank=dctx.rank)
         assert s.test_bench is not None
