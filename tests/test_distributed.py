@@ -234,7 +234,7 @@ def test_shard_weights_sum_to_one():
     assert torch.equal(torch.cat([p.support_x for p, _ in parts]), batch.support_x)
 
 
-def test_teardown_waits_for_every_rank_only_at_a_normal_end(monkeypatch, tmp_path):
+def test_teardown_waits_for_every_rank_only_at_a_normal_end(monkeypatch):
     """The normal end passes a barrier before leaving the group; an error path leaves at once (a peer may be dead);
     a group the caller joined is left alone."""
     calls: list[str] = []

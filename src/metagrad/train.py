@@ -220,7 +220,7 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
         assert s.test_bench is not None
         return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot)
     finally:
-        D.teardown(dctx)
+        D.teardown(dctx)   # a no-op after the normal end; on an error leave at once (a peer may be dead)
         torch.set_num_threads(threads)
 
 
