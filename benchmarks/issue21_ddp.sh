@@ -6,15 +6,7 @@
 #
 #   bash benchmarks/issue21_ddp.sh a001x5 meta_gna:1 cxgrad:0     # from the repository root; logs in runs/logs/
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-FROZEN=${FROZEN:-$ROOT/../study}
-PY=$ROOT/.venv/bin/python
-L=$ROOT/runs/logs
-mkdir -p "$L"
-[ -d "$FROZEN" ] || git -C "$ROOT" worktree add --detach "$FROZEN" 1515b74
-cd "$ROOT" || exit 2
-export METAGRAD_CACHE=${METAGRAD_CACHE:-$ROOT/runs/cache}
-mkdir -p "$METAGRAD_CACHE"
+. "$(dirname "$0")/issue21_env.sh"
 case $1 in
   a001x5) study=issue21-omniglot-a001x5 ;;
   finn) study=issue21-omniglot-finn ;;

