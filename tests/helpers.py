@@ -46,6 +46,17 @@ def conv4(**kw):
     return Conv4(1, ways=3, width=4, image_size=28, **kw).double()
 
 
+class NoFeatures(nn.Module):
+    """A model whose forward has no ``return_features``: a plug-in that needs features must be refused on it."""
+
+    def __init__(self, inputs: int = 4, outputs: int = 3) -> None:
+        super().__init__()
+        self.lin = nn.Linear(inputs, outputs)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
 class ScaleGrad(Plugin):
     """A test plug-in: multiplies the inner gradient by a constant (equivalent to scaling α when alone)."""
 

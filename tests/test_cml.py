@@ -12,6 +12,7 @@ from metagrad import functional as fn
 from metagrad.methods.cml import CML, conv_tap
 from metagrad.models import Conv4
 from tests.helpers import (
+    NoFeatures,
     assert_close_rel,
     assert_directional_derivative,
     conv64,
@@ -247,14 +248,6 @@ def test_bad_input_is_refused():
         CML(head="resnet")
     with pytest.raises(ValueError, match="weight"):
         CML(weight=-1.0)
-
-    class NoFeatures(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x)
 
     # A plug-in that needs features on a model without return_features is refused by the core.
     with pytest.raises(ValueError, match="needs features.*return_features"):

@@ -12,6 +12,7 @@ from metagrad.inner_lr import FixedLR, PerStepLR
 from metagrad.models import MLP
 from metagrad.msl import MultiStepLoss
 from tests.helpers import (
+    NoFeatures,
     ScaleGrad,
     assert_close_rel,
     learner_meta_grad,
@@ -167,16 +168,8 @@ def test_features_required_but_missing():
     class NeedsFeatures(Plugin):
         needs_features = True
 
-    class Plain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(1, 1)
-
-        def forward(self, x):
-            return self.lin(x)
-
     with pytest.raises(ValueError, match="return_features"):
-        MAML(Plain(), loss="mse", plugins=[NeedsFeatures()])
+        MAML(NoFeatures(1, 1), loss="mse", plugins=[NeedsFeatures()])
 
 
 def test_non_plugin_is_refused():

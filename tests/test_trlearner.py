@@ -13,6 +13,7 @@ from metagrad import MAML, TaskBatch, methods
 from metagrad.methods.cml import CML
 from metagrad.methods.trlearner import TRLearner, task_groups
 from tests.helpers import (
+    NoFeatures,
     assert_close_rel,
     assert_directional_derivative,
     assert_finite_gradients,
@@ -265,14 +266,6 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="TRLearner needs >= 2 tasks per meta-batch"):
         learner.meta_loss(regression_batch(T=1))
     MAML(mlp64(), loss="mse", plugins=[TRLearner(weight=0.0)]).meta_loss(regression_batch(T=1))  # neutral: fine
-
-    class NoFeatures(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x)
 
     with pytest.raises(ValueError, match="return_features"):
         MAML(NoFeatures(), plugins=[TRLearner()])
