@@ -15,6 +15,7 @@ from tests.helpers import (
     all_grads,
     assert_close_rel,
     assert_directional_derivative,
+    assert_finite_gradients,
     ce,
     conv4,
     cx_context_start,
@@ -115,8 +116,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(first_order):
                    learn_inner_lr="per_step", plugins=[CxGrad()]).double()
     out, grads = all_grads(learner, image_batch())
     assert torch.isfinite(out.loss)
-    for (name, _), g in zip(learner.named_parameters(), grads):
-        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+    assert_finite_gradients(list(learner.named_parameters()), grads)
 
 
 def test_finite_differences_through_two_inner_steps():
