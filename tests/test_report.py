@@ -140,7 +140,7 @@ def test_the_report_states_the_plateau_criterion_per_seed():
         run.metrics = [{"iteration": 500 * (i + 1), "val_accuracy": v} for i, v in enumerate(values)]
     title, _, cells = next(t for t in tables([row], []) if t[0].startswith("Validation plateau"))
     assert "0.5 points" in title and cells[0][2] == "1500 → 2000"
-    assert "seed 0: 96.00% → 96.20% (+0.20 pts)" in cells[0][3] and cells[0][4] == "no (1 of 2)"
+    assert "seed 0: 96.00% → 96.20% (+0.20 pts)" in cells[0][3] and cells[0][4] == "no (1 of 2): seed 1 still gaining"
 
 
 def test_verdicts_need_the_holm_adjusted_p():

@@ -1,14 +1,16 @@
-"""The plateau criterion: has a run stopped improving on validation?
+"""The plateau criterion: has a run stopped changing on validation?
 
-A run has reached its plateau at step N when its validation metric gained less than ``points`` (accuracy, 0.5
+A run has reached its plateau at step N when its validation metric moved by less than ``points`` (accuracy, 0.5
 percentage points by default) or ``relative`` (an error such as MSE, 2% of its value) over the last quarter of
-the steps: from the validation point nearest 0.75·N to the one at N. Validation tasks are fixed (``eval.seed``)
+the steps, from the validation point nearest 0.75·N to the one at N, **in either direction**: a run still gaining
+that much is "still gaining", and one that lost that much "fell" (e.g. a late instability); neither is at its
+plateau, and the report says which. Validation tasks are fixed (``eval.seed``)
 and shared by every validation of a run, so the difference is free of task-sampling noise between the two
 points. The criterion reads ``metrics.jsonl`` only: budgets are chosen on validation tasks, never on test ones.
 
 Example:
     >>> p = plateau(read_metrics("runs/issue21-finn/omniglot-5w1s-plateau/maml/seed0"))
-    >>> p.reached, p.gain          # e.g. (False, 0.012): train longer
+    >>> p.reached, p.gain, p.status    # e.g. (False, 0.012, "still gaining"): train longer
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ class Plateau:
     before: float
     after: float
     gain: float         # accuracy: after − before; an error: (before − after) / before
-    reached: bool
+    reached: bool       # |gain| under the threshold
+
+    @property
+    def status(self) -> str:
+        """``at plateau``, ``still gaining`` or ``fell``."""
+        return "at plateau" if self.reached else "still gaining" if self.gain > 0 else "fell"
 
 
 def plateau(metrics: Sequence[dict[str, Any]], points: float = POINTS, relative: float = RELATIVE) -> Plateau | None:
@@ -48,9 +55,9 @@ def plateau(metrics: Sequence[dict[str, Any]], points: float = POINTS, relative:
         return None
     if metric == "accuracy":
         gain = after - before
-        return Plateau(metric, start, end, before, after, gain, gain < points)
+        return Plateau(metric, start, end, before, after, gain, abs(gain) < points)
     gain = (before - after) / max(abs(before), 1e-12)
-    return Plateau(metric, start, end, before, after, gain, gain < relative)
+    return Plateau(metric, start, end, before, after, gain, abs(gain) < relative)
 
 
 __all__ = ["POINTS", "RELATIVE", "Plateau", "plateau"]

@@ -408,7 +408,7 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
 
 
 PLATEAU_TITLE = (f"Validation plateau (metagrad.plateau: under {100 * POINTS:.1f} points of accuracy, or "
-                 f"{100 * RELATIVE:.0f}% of an error, gained from the validation nearest 0.75·N to N)")
+                 f"{100 * RELATIVE:.0f}% of an error, gained or lost from the validation nearest 0.75·N to N)")
 
 
 def plateau_rows(rows: Sequence[Row]) -> list[list[str]]:
@@ -424,8 +424,10 @@ def plateau_rows(rows: Sequence[Row]) -> list[list[str]]:
                  f"({100 * p.gain:+.2f}{' pts' if acc else '%'})" for run, p in found]
         steps = sorted({f"{p.start} → {p.end}" for _, p in found})
         reached = sum(p.reached for _, p in found)
+        off = [f"seed {run.cfg.train.seed}{_fold(run)} {p.status}" for run, p in found if not p.reached]
         out.append([row.preset, row.name, ", ".join(steps), "; ".join(cells),
-                    f"{'yes' if reached == len(found) else 'no'} ({reached} of {len(found)})"])
+                    f"{'yes' if reached == len(found) else 'no'} ({reached} of {len(found)})"
+                    + (f": {', '.join(off)}" if off else "")])
     return out
 
 
