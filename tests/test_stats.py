@@ -81,6 +81,24 @@ def test_equals_scipy_paired_and_welch_tests_on_per_seed_means():
     assert math.isclose(w.p, ref.pvalue, rel_tol=1e-9) and w.test.startswith("Welch")
 
 
+@pytest.mark.parametrize("alternative", ["greater", "less"])
+def test_one_sided_tests_equal_scipys(alternative):
+    rng = np.random.default_rng(5)
+    for effect in (0.01, -0.01, 0.0):
+        a, b = simulate(rng, effect=effect)
+        r = compare(a, b, alternative=alternative)
+        ref = sps.ttest_rel(a.mean(axis=1), b.mean(axis=1), alternative=alternative)
+        assert math.isclose(r.p, ref.pvalue, rel_tol=1e-9) and r.alternative == alternative
+        two = compare(a, b)
+        assert (r.low, r.high) == (two.low, two.high)              # the interval stays two-sided
+        b4 = np.vstack([b, b[:1] + 0.003])
+        w = compare(a, b4, alternative=alternative)
+        ref = sps.ttest_ind(a.mean(axis=1), b4.mean(axis=1), equal_var=False, alternative=alternative)
+        assert math.isclose(w.p, ref.pvalue, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="alternative must be one of"):
+        compare(a, b, alternative="bigger")
+
+
 def test_paired_tasks_do_not_inflate_the_interval_by_task_difficulty():
     """Shared task difficulty cancels: the interval depends on the seed spread, not on how hard tasks vary."""
     rng = np.random.default_rng(4)

@@ -25,6 +25,7 @@ Example:
     >>> r = compare(scores_method, scores_maml)        # [3, 600] each
     >>> print(f"{r.diff:+.4f} [{r.low:+.4f}, {r.high:+.4f}], p = {r.p:.3f}")
     >>> holm([0.01, 0.04, 0.03])                        # [0.03, 0.06, 0.06]
+    >>> compare(scores_method, scores_maml, alternative="greater").p   # one-sided: H1 mean(a) > mean(b)
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ import numpy as np
 from scipy import stats as sps
 
 LEVEL = 0.95
+ALTERNATIVES = ("two-sided", "greater", "less")
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The difference ``mean(a) − mean(b)`` with its 95% interval and two-sided p-value."""
+    """The difference ``mean(a) − mean(b)`` with its two-sided 95% interval and the p-value of the chosen
+    alternative (two-sided unless asked)."""
 
     diff: float
     low: float
@@ -50,6 +53,7 @@ class Comparison:
     seeds: int          # seeds of a (and of b when paired)
     tasks: int          # test tasks per seed
     test: str           # "paired t on per-seed means" | "Welch t on per-seed means" | "one seed"
+    alternative: str = "two-sided"    # of p: "two-sided", "greater" (mean(a) > mean(b)) or "less"
 
 
 def _as_2d(x: object, name: str) -> np.ndarray:
@@ -63,13 +67,16 @@ def _as_2d(x: object, name: str) -> np.ndarray:
     return arr
 
 
-def _t_result(diff: float, se: float, df: float, seeds: int, tasks: int, test: str) -> Comparison:
+def _t_result(diff: float, se: float, df: float, seeds: int, tasks: int, test: str,
+              alternative: str = "two-sided") -> Comparison:
+    sign = {"two-sided": 0.0, "greater": 1.0, "less": -1.0}[alternative]
     if se == 0.0:   # every seed gave the same difference
-        p = 1.0 if diff == 0.0 else 0.0
-        return Comparison(diff, diff, diff, p, seeds, tasks, test)
+        p = 1.0 if diff == 0.0 or sign * diff < 0 else 0.0
+        return Comparison(diff, diff, diff, p, seeds, tasks, test, alternative)
     q = float(sps.t.ppf(0.5 + LEVEL / 2, df))
-    p = float(2 * sps.t.sf(abs(diff) / se, df))
-    return Comparison(diff, diff - q * se, diff + q * se, p, seeds, tasks, test)
+    t = diff / se
+    p = float(2 * sps.t.sf(abs(t), df)) if sign == 0.0 else float(sps.t.sf(sign * t, df))
+    return Comparison(diff, diff - q * se, diff + q * se, p, seeds, tasks, test, alternative)
 
 
 def seed_interval(seed_means: Sequence[float]) -> tuple[float, float]:
@@ -80,14 +87,18 @@ def seed_interval(seed_means: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(sps.t.ppf(0.5 + LEVEL / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
 
 
-def compare(a: object, b: object, paired: bool | None = None) -> Comparison:
+def compare(a: object, b: object, paired: bool | None = None, alternative: str = "two-sided") -> Comparison:
     """Compare two methods' per-task scores ``[seeds, tasks]`` on the same tasks in the same order.
 
     Returns ``diff`` (mean of a minus mean of b), its 95% interval ``low``..``high`` and the two-sided ``p``:
     the paired t-test on the per-seed means of the paired per-task differences when both have the same
     number of seeds, else Welch's t-test on the per-seed means (see the module docstring). ``paired=False``
-    forces Welch (seeds that are not matched, e.g. different ``train.seed`` values).
+    forces Welch (seeds that are not matched, e.g. different ``train.seed`` values). ``alternative="greater"``
+    gives the one-sided p of H1: mean(a) > mean(b) (``"less"`` the other side), as scipy's ``alternative``; the
+    interval stays two-sided.
     """
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"compare: alternative must be one of {', '.join(ALTERNATIVES)}, got {alternative!r}")
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"compare: a and b must score the same tasks, got {a.shape[1]} and {b.shape[1]} per seed")
@@ -97,16 +108,16 @@ def compare(a: object, b: object, paired: bool | None = None) -> Comparison:
     if a.shape[0] == b.shape[0] and paired is not False:
         s = a.shape[0]
         if s < 2:
-            return Comparison(diff, math.nan, math.nan, math.nan, s, tasks, "one seed")
+            return Comparison(diff, math.nan, math.nan, math.nan, s, tasks, "one seed", alternative)
         d = (a - b).mean(axis=1)                       # per-seed mean of the paired per-task differences
         se = float(d.std(ddof=1) / math.sqrt(s))
-        return _t_result(diff, se, s - 1, s, tasks, "paired t on per-seed means")
+        return _t_result(diff, se, s - 1, s, tasks, "paired t on per-seed means", alternative)
     if min(a.shape[0], b.shape[0]) < 2:
-        return Comparison(diff, math.nan, math.nan, math.nan, a.shape[0], tasks, "one seed")
+        return Comparison(diff, math.nan, math.nan, math.nan, a.shape[0], tasks, "one seed", alternative)
     va, vb = ma.var(ddof=1) / len(ma), mb.var(ddof=1) / len(mb)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(ma) - 1) + vb**2 / (len(mb) - 1)) if se > 0 else 1.0
-    return _t_result(diff, se, df, a.shape[0], tasks, "Welch t on per-seed means")
+    return _t_result(diff, se, df, a.shape[0], tasks, "Welch t on per-seed means", alternative)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
