@@ -1,6 +1,15 @@
-"""Benchmarks: ``metagrad.data.create(name, split, ...)`` builds a seeded stream of :class:`TaskBatch`.
+"""Benchmarks: seeded streams of :class:`~metagrad.TaskBatch`, shipped or from the user's own data.
 
-Every benchmark registers itself by name with :func:`register`; :func:`available` lists the names.
+The public surface is ``__all__`` (documented in docs/own-data.md):
+
+* :func:`create` builds a registered benchmark by name; :func:`available` lists the names, :func:`arguments`
+  the keyword arguments one takes, :func:`fixed_ways` the number of ways one is fixed to; :func:`register`
+  adds a benchmark.
+* :func:`from_tensors` and :func:`from_dataset` build a benchmark from labelled tensors or a map-style dataset.
+* :class:`Benchmark` is the base class of every benchmark; :func:`generator` and :func:`stream_seed` seed a
+  subclass's meta-batch ``i`` from ``(name, seed, split, i)``; :class:`DataError` is the one error of this layer.
+
+The submodules (``images``, ``folders``, ``cache``, ``omniglot``, ...) are internal: their names may change.
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import Benchmark, generator, stream_seed
+from .errors import DataError
+from .user import from_dataset, from_tensors
 
 _REGISTRY: dict[str, Callable[..., Benchmark]] = {}
 
@@ -83,4 +94,5 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-__all__ = ["Benchmark", "arguments", "available", "create", "generator", "register", "stream_seed"]
+__all__ = ["Benchmark", "DataError", "arguments", "available", "create", "fixed_ways", "from_dataset", "from_tensors",
+           "generator", "register", "stream_seed"]

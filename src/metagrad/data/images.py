@@ -147,7 +147,7 @@ class ImagePool:
     Omniglot's rotated classes share one copy of the pixels.
     """
 
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W] pixels (episodes hold them / 255); any other dtype is used as is
     offsets: torch.Tensor  # int64 [n_classes]
     counts: torch.Tensor  # int64 [n_classes]
     names: list[str]
@@ -165,35 +165,72 @@ class ImagePool:
         return self._perms
 
 
+def draw_episodes(counts: torch.Tensor, g: torch.Generator, tasks: int, ways: int,
+                  per: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes and items of ``tasks`` class-balanced episodes, vectorised over tasks, classes and items.
+
+    ``counts[c]`` is how many items class ``c`` holds. Returns ``cls [tasks, ways]`` (distinct classes in a
+    random order: label ``j`` of a task is class ``cls[t, j]``) and ``pick [tasks, ways, per]`` (distinct item
+    positions within each class, ``0 <= pick < counts[cls]``). Every benchmark of pooled classes draws through
+    this one function, so its episodes depend on the generator alone.
+    """
+    # float64 keys: with float32, ties among thousands of keys are likely and topk's tie order is not a contract.
+    cls = torch.rand(tasks, len(counts), generator=g, dtype=torch.float64).topk(ways, dim=1).indices
+    width = int(counts.max())
+    keys = torch.rand(tasks, ways, width, generator=g, dtype=torch.float64)
+    keys = keys.masked_fill(torch.arange(width) >= counts[cls].unsqueeze(-1), -1.0)  # never past a class's end
+    return cls, keys.topk(per, dim=-1).indices  # distinct items within each class
+
+
+def split_episodes(x: torch.Tensor, shots: int) -> TaskBatch:
+    """A TaskBatch from class-major items ``x [tasks, ways, shots + queries, *shape]``: the first ``shots`` of
+    each class are the support set, the rest the query set; labels ``0..ways-1`` follow the class axis."""
+    tasks, ways, per, *shape = x.shape
+    labels = torch.arange(ways).unsqueeze(0).expand(tasks, ways)
+    return TaskBatch(
+        x[:, :, :shots].reshape(tasks, ways * shots, *shape),
+        labels.repeat_interleave(shots, dim=1),
+        x[:, :, shots:].reshape(tasks, ways * (per - shots), *shape),
+        labels.repeat_interleave(per - shots, dim=1),
+    )
+
+
 def sample_episodes(pool: ImagePool, g: torch.Generator, tasks: int, ways: int, shots: int,
                     queries: int) -> TaskBatch:
     """``tasks`` class-balanced N-way K-shot episodes from ``pool``, vectorised over tasks, classes and images.
 
     Labels ``0..ways-1`` go to classes in a random order; the support (and query) set is class-major:
-    ``support_y = [0]*shots + [1]*shots + ...``.
+    ``support_y = [0]*shots + [1]*shots + ...``. ``uint8`` pixels become float32 in [0, 1] (``/ 255``); images
+    of any other dtype are used as stored.
     """
     per = shots + queries
-    # float64 keys: with float32, ties among thousands of keys are likely and topk's tie order is not a contract.
-    cls = torch.rand(tasks, len(pool), generator=g, dtype=torch.float64).topk(ways, dim=1).indices
-    counts = pool.counts[cls]  # [T, ways]
-    width = int(pool.counts.max())
-    keys = torch.rand(tasks, ways, width, generator=g, dtype=torch.float64)
-    keys = keys.masked_fill(torch.arange(width) >= counts.unsqueeze(-1), -1.0)  # never pick past a class's end
-    pick = keys.topk(per, dim=-1).indices  # distinct images within each class
+    cls, pick = draw_episodes(pool.counts, g, tasks, ways, per)
     n, shape = pool.images.shape[0], pool.images.shape[1:]
-    x = pool.images.reshape(n, -1)[pool.offsets[cls].unsqueeze(-1) + pick]  # uint8 [T, ways, per, C*H*W]
+    x = pool.images.reshape(n, -1)[pool.offsets[cls].unsqueeze(-1) + pick]  # [T, ways, per, C*H*W]
     if pool.rotations is not None:
         # Rotate by one gather through precomputed pixel permutations: far cheaper than masked rot90 copies.
         perm = pool.rotation_perms()[pool.rotations[cls]]  # [T, ways, C*H*W]
         x = x.gather(-1, perm.unsqueeze(2).expand_as(x))
-    x = x.to(torch.float32).div_(255.0).view(tasks, ways, per, *shape)  # in [0, 1], ink = 1.0
-    labels = torch.arange(ways).unsqueeze(0).expand(tasks, ways)
-    return TaskBatch(
-        x[:, :, :shots].reshape(tasks, ways * shots, *shape),
-        labels.repeat_interleave(shots, dim=1),
-        x[:, :, shots:].reshape(tasks, ways * queries, *shape),
-        labels.repeat_interleave(queries, dim=1),
-    )
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32).div_(255.0)  # in [0, 1], ink = 1.0
+    return split_episodes(x.view(tasks, ways, per, *shape), shots)
+
+
+def check_episodes(name: str, split: str, ways: int, shots: int, queries: int, counts: torch.Tensor,
+                   names: Sequence[object], unit: str = "images") -> None:
+    """A one-line DataError naming the fix when ``split`` cannot provide ``ways``-way episodes of
+    ``shots + queries`` items per class (``counts[c]`` items in class ``names[c]``)."""
+    for arg, v in (("ways", ways), ("shots", shots), ("queries", queries)):
+        if int(v) < 1:
+            raise DataError(f"{name}: {arg} must be >= 1, got {v}")
+    if ways > len(counts):
+        raise DataError(f"{name}: {ways}-way episodes need {ways} classes but the {split} split has "
+                        f"{len(counts)}: lower ways to at most {len(counts)}")
+    fewest = int(counts.min())
+    if shots + queries > fewest:
+        worst = names[int(counts.argmin())]
+        raise DataError(f"{name}: shots + queries = {shots + queries} but class {worst!r} of the {split} "
+                        f"split has only {fewest} {unit}: lower shots or queries to sum to at most {fewest}")
 
 
 class ImageEpisodes(Benchmark):
@@ -211,17 +248,7 @@ class ImageEpisodes(Benchmark):
     def __init__(self, pool: ImagePool, *, name: str, split: str, ways: int, shots: int, queries: int,
                  meta_batch_size: int, seed: int) -> None:
         super().__init__(split, meta_batch_size, seed)
-        for arg, v in (("ways", ways), ("shots", shots), ("queries", queries)):
-            if int(v) < 1:
-                raise DataError(f"{name}: {arg} must be >= 1, got {v}")
-        if ways > len(pool):
-            raise DataError(f"{name}: {ways}-way episodes need {ways} classes but the {split} split has "
-                            f"{len(pool)}: lower ways to at most {len(pool)}")
-        fewest = int(pool.counts.min())
-        if shots + queries > fewest:
-            worst = pool.names[int(pool.counts.argmin())]
-            raise DataError(f"{name}: shots + queries = {shots + queries} but class {worst!r} of the {split} "
-                            f"split has only {fewest} images: lower shots or queries to sum to at most {fewest}")
+        check_episodes(name, split, ways, shots, queries, pool.counts, pool.names)
         self.pool = pool
         self.name = name
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
