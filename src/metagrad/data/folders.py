@@ -101,7 +101,7 @@ SPECS = {s.name: s for s in (
 )}
 
 
-def _images_in(d: Path) -> list[Path]:
+def images_in(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
@@ -116,7 +116,7 @@ def _csv_layout(root: Path, split: str, classes: ClassList) -> dict[str, list[Pa
                 if row.get("label") in wanted:
                     out[row["label"]].append(root / "images" / row["filename"])
     else:
-        for p in _images_in(root / "images"):
+        for p in images_in(root / "images"):
             if p.name[:9] in wanted:
                 out[p.name[:9]].append(p)
     return {c: sorted(v) for c, v in out.items()}
@@ -133,7 +133,7 @@ def list_split(spec: FolderSpec, root: Path, split: str) -> tuple[list[str], lis
             places = [root / split / cls, root / cls]
             if group:
                 places += [root / group / cls, root / split / group / cls]
-            found = next((_images_in(d) for d in places if d.is_dir()), [])
+            found = next((images_in(d) for d in places if d.is_dir()), [])
         if not found:
             missing.append(cls)
         files.append(found)
@@ -147,7 +147,7 @@ def list_split(spec: FolderSpec, root: Path, split: str) -> tuple[list[str], lis
     return [c for c, _ in classes], files
 
 
-def _files_digest(root: Path, names: list[str], files: list[list[Path]]) -> str:
+def files_digest(root: Path, names: list[str], files: list[list[Path]]) -> str:
     """A digest of every class's files (name, size, mtime): the cache key part that changes with the data."""
     h = hashlib.blake2b(digest_size=16)
     for name, fs in zip(names, files):
@@ -187,7 +187,7 @@ class FolderBenchmark(ImageEpisodes):
         names, files = list_split(spec, path, split)
         flat = [p for fs in files for p in fs]
         key = {"data": spec.name, "split": split, "image_size": size, "resample": resample,
-               "files": _files_digest(path, names, files)}
+               "files": files_digest(path, names, files)}
 
         def build() -> dict[str, object]:
             out = np.empty((len(flat), 3, size, size), np.uint8)

@@ -110,14 +110,21 @@ def decode_ink(data: bytes, size: int, resample: str, what: str) -> np.ndarray:
 
 def decode_rgb(path: Path, size: int, resample: str) -> np.ndarray:
     """Decode any image file into ``uint8 [3, size, size]`` RGB."""
+    return decode_image(path, size, resample, channels=3)
+
+
+def decode_image(path: Path, size: int, resample: str, channels: int = 3) -> np.ndarray:
+    """Decode any image file into ``uint8 [channels, size, size]``: RGB for 3 channels, grayscale ("L") for 1."""
     from PIL import Image, UnidentifiedImageError
 
+    mode = {1: "L", 3: "RGB"}[channels]
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), resample_filter(resample))
-            return np.asarray(rgb).transpose(2, 0, 1)
+            img = im.convert(mode)
+            if img.size != (size, size):
+                img = img.resize((size, size), resample_filter(resample))
+            arr = np.asarray(img)
+            return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot decode image {str(path)!r}: {e}; the file is corrupt, replace or remove it") from e
 

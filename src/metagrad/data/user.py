@@ -56,7 +56,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _split_classes(classes: Classes, labels: torch.Tensor, split: str, split_seed: int) -> list[int]:
+def classes_of_split(classes: Classes, labels: torch.Tensor, split: str, split_seed: int) -> list[int]:
     """The labels of ``split``'s classes, from a mapping split → labels or from fractions (train, val, test)."""
     present = sorted(set(labels.tolist()))
     if isinstance(classes, Mapping):
@@ -103,7 +103,7 @@ class _UserEpisodes(Benchmark):
                  ways: int, shots: int, queries: int, meta_batch_size: int, seed: int, split_seed: int) -> None:
         super().__init__(check_split(split), meta_batch_size, seed)
         self.name = name
-        chosen = _split_classes(classes, labels, split, split_seed)
+        chosen = classes_of_split(classes, labels, split, split_seed)
         if not chosen:
             raise DataError(f"{name}: the {split} split has no classes: give it some in classes= (a larger "
                             "fraction or a list of labels)")
