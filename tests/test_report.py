@@ -283,7 +283,8 @@ def test_a_study_also_scores_the_trained_step_count(tmp_path):
     assert steps["maml"].startswith("1: ") and "; 3: " in steps["maml"] and "▲" not in steps["maml"]
     one, three = steps["meta_gna"].rstrip(" |").split("; ")
     # One seed: no seed spread, so no test ("–"), but the difference to MAML after as many steps is shown.
-    assert re.fullmatch(r"1: \S+ – [+-]\S+ \(one seed: no interval\), p –", one), one
+    # The training count is descriptive: one family never holds two views of the same models.
+    assert re.fullmatch(r"1: \S+ – [+-]\S+ \(one seed: no interval\), p – \(not a verdict step count\)", one), one
     assert re.fullmatch(r"3: \S+ – [+-]\S+ \(one seed: no interval\), p –", three), three
     # The per-sample loss diagnostics are taken after both step counts too, and the report shows both.
     diag = json.loads((run / "diagnostics.json").read_text())

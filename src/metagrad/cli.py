@@ -8,7 +8,7 @@
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
                    [--keep results/NAME] [--only METHOD[:SEED] ...]
-    metagrad report RUN_OR_STUDY_DIR ... [--out DIR]
+    metagrad report RUN_OR_STUDY_DIR ... [--out DIR] [--family PREREGISTRATION.md]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
 checkpoint, missing data) and any OS error (disk full, a directory where a run file belongs, permissions) exit
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")
     rp.add_argument("--out", help="output folder (default: <first dir>/report)")
+    rp.add_argument("--family", metavar="FILE",
+                    help="a preregistration file (docs/preregistration.md): its hypotheses as a confirmatory table, "
+                         "apart from the exploratory ones")
     rp.add_argument("--no-compute", action="store_true",
                     help="do not compute missing diagnostics.json from checkpoints (plots use what exists)")
     for sp in (t, e, ls, st, rp):
@@ -304,7 +307,7 @@ def _report(args: argparse.Namespace) -> int:
     if not find_runs(args.runs):
         return _fail(f"no run directories (folders holding config.json) in {', '.join(args.runs)}: nothing to "
                      "report")
-    path = write_report(args.runs, args.out, compute=not args.no_compute, command=command)
+    path = write_report(args.runs, args.out, compute=not args.no_compute, command=command, family=args.family)
     print(f"report: {path}")
     return 0
 

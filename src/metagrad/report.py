@@ -150,7 +150,7 @@ def seed_stat(members: Sequence[tuple[Run, dict[str, Any]]]) -> Stat:
     return Stat(metric, mean, ci, max(tasks), means, seeds, array, task_set)
 
 
-def compare(stat: Stat, base: Stat) -> stats.Comparison | str:
+def compare(stat: Stat, base: Stat, alternative: str = "two-sided") -> stats.Comparison | str:
     """``stat`` against ``base`` (:func:`metagrad.stats.compare`), or why they cannot be compared."""
     if "mixed" in (stat.task_set, base.task_set) or (stat.task_set and base.task_set
                                                      and stat.task_set != base.task_set):
@@ -159,7 +159,8 @@ def compare(stat: Stat, base: Stat) -> stats.Comparison | str:
         a, b = stat.values, base.values
     else:  # older records without per-task scores: the per-seed means give the same test statistic
         a, b = np.asarray(stat.seed_means)[:, None], np.asarray(base.seed_means)[:, None]
-    return stats.compare(a, b, paired=sorted(stat.seeds) == sorted(base.seeds) and len(stat.seeds) == len(base.seeds))
+    return stats.compare(a, b, paired=sorted(stat.seeds) == sorted(base.seeds) and len(stat.seeds) == len(base.seeds),
+                         alternative=alternative)
 
 
 def verdict(c: stats.Comparison | str, adjusted: float, metric: str) -> str:
@@ -324,9 +325,11 @@ def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.C
 
 
 def verdict_steps(row: Row) -> set[int]:
-    """The step counts a row is judged at: its test count and the count it was trained with. Others (e.g. 0
-    steps, before adaptation) are shown with their difference but are not in the family and get no verdict."""
-    return {_main_steps(row), row.runs[0].cfg.maml.inner_steps}
+    """The step counts a row is judged at: its test count only, so that one family never holds two views of the
+    same models (after 1 step and after k). Other counts (0 steps, the training count) are shown with their
+    difference but are not in the family and get no verdict; a preregistered family (:mod:`metagrad.family`)
+    names the count it tests."""
+    return {_main_steps(row)}
 
 
 def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -502,21 +505,24 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>metagrad r
 RULE = ("The seed is the unit of replication. Each row: the mean of its per-seed means ± the 95% t-interval "
         "over seeds. Against MAML: the difference of the means with its 95% interval and p from the paired t-test "
         "on the per-seed mean differences over the same test tasks (seeds paired by train.seed; Welch when the "
-        "seeds differ); the p-values of every comparison at a row's test step count and its training step count "
-        "form one family over the whole report, Holm-adjusted (other step counts, e.g. 0, are descriptive). ▲/▼ "
+        "seeds differ); the p-values of every comparison at a row's test step count form one exploratory family "
+        "over the whole report, Holm-adjusted (other step counts, e.g. 0 or the training count, are descriptive). ▲/▼ "
         "only where the adjusted p < 0.05, else n.s. The MAML row is the one with the method's config apart "
         "from the plug-ins when there is one (named in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else "
         "the preset's plain MAML row.")
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, family: str | Path | None = None) -> Path:
     """Collect the runs below ``paths``, write ``report.md``, ``report.html`` and PNGs into ``out_dir``.
 
-    Returns the path of ``report.md``.
+    With ``family`` (a preregistration file, :mod:`metagrad.family`), the confirmatory table of its hypotheses
+    comes first, apart from the exploratory tables of every run. Returns the path of ``report.md``.
     """
     from . import report_plots as RP
+    from .family import confirm, family_table, read_family
 
+    fam = read_family(family) if family is not None else None   # a bad file stops before anything is written
     roots = [Path(p) for p in paths]
     out = Path(out_dir) if out_dir else roots[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -533,6 +539,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
         if cmd and cmd not in commands:
             commands.insert(0, cmd)
     tabs = tables(rows, na)
+    if fam is not None:
+        tabs = [family_table(fam, confirm(fam, runs)),
+                *[(f"Exploratory: {t[0]}" if i == 0 else t[0], t[1], t[2]) for i, t in enumerate(tabs)]]
 
     md = ["# metagrad report", ""]
     html_parts = [HTML_HEAD]
