@@ -8,7 +8,7 @@
     metagrad list  [methods|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
                    [--keep results/NAME] [--only METHOD[:SEED] ...]
-    metagrad report RUN_OR_STUDY_DIR ... [--out DIR] [--family PREREGISTRATION.md]
+    metagrad report RUN_OR_STUDY_DIR ... [--out DIR] [--family PREREGISTRATION.md] [--exclude BENCHMARK]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
 checkpoint, missing data) and any OS error (disk full, a directory where a run file belongs, permissions) exit
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--family", metavar="FILE",
                     help="a preregistration file (docs/preregistration.md): its hypotheses as a confirmatory table, "
                          "apart from the exploratory ones")
+    rp.add_argument("--exclude", action="append", default=[], metavar="BENCHMARK",
+                    help="leave out the records on this evaluated benchmark (repeatable), e.g. omniglot-lake20")
     rp.add_argument("--no-compute", action="store_true",
                     help="do not compute missing diagnostics.json from checkpoints (plots use what exists)")
     for sp in (t, e, ls, st, rp):
@@ -307,7 +309,8 @@ def _report(args: argparse.Namespace) -> int:
     if not find_runs(args.runs):
         return _fail(f"no run directories (folders holding config.json) in {', '.join(args.runs)}: nothing to "
                      "report")
-    path = write_report(args.runs, args.out, compute=not args.no_compute, command=command, family=args.family)
+    path = write_report(args.runs, args.out, compute=not args.no_compute, command=command, family=args.family,
+                        exclude=args.exclude)
     print(f"report: {path}")
     return 0
 

@@ -513,11 +513,13 @@ RULE = ("The seed is the unit of replication. Each row: the mean of its per-seed
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,
-                 command: str | None = None, family: str | Path | None = None) -> Path:
+                 command: str | None = None, family: str | Path | None = None,
+                 exclude: Sequence[str] = ()) -> Path:
     """Collect the runs below ``paths``, write ``report.md``, ``report.html`` and PNGs into ``out_dir``.
 
     With ``family`` (a preregistration file, :mod:`metagrad.family`), the confirmatory table of its hypotheses
-    comes first, apart from the exploratory tables of every run. Returns the path of ``report.md``.
+    comes first, apart from the exploratory tables of every run. ``exclude`` names evaluated benchmarks (e.g. a
+    cross-domain view) whose records are left out of every table and family. Returns the path of ``report.md``.
     """
     from . import report_plots as RP
     from .family import confirm, family_table, read_family
@@ -529,6 +531,8 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     dirs = [d for d in find_runs(roots) if out not in d.parents]
     loaded = [(d, load_run(d, compute)) for d in dirs]
     runs = [r for _, r in loaded if r is not None]
+    for run in runs:
+        run.records = [r for r in run.records if r.get("benchmark", run.cfg.benchmark.name) not in exclude]
     pending = [d for d, r in loaded if r is None]
     rows = group(runs)
     na = not_applicable(roots)
@@ -548,7 +552,8 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     if commands:
         md += ["Produced by:", "", "```", *commands, "```", ""]
         html_parts.append("<p>Produced by:</p><pre>" + html.escape("\n".join(commands)) + "</pre>")
-    md += [f"{len(runs)} finished runs in {len(rows)} rows, from {', '.join(map(str, roots))}.", "", RULE, ""]
+    md += [f"{len(runs)} finished runs in {len(rows)} rows, from {', '.join(map(str, roots))}."
+           + (f" Left out: the records on {', '.join(exclude)}." if exclude else ""), "", RULE, ""]
     html_parts.append(f"<p>{len(runs)} finished runs in {len(rows)} rows.</p><p>{html.escape(RULE)}</p>")
     if pending:
         line = f"Not finished (no evaluation yet, left out): {', '.join(map(str, pending))}"
