@@ -1,7 +1,7 @@
 """metagrad: optimisation-based few-shot meta-learning.
 
-MAML as one small bi-level loop on plain PyTorch modules, and published improvements to it as composable
-plug-ins at named seams.
+MAML as one small bi-level loop on plain PyTorch modules, ProtoNet beside it behind the same learner protocol,
+and published improvements to them as composable plug-ins at named seams.
 
 Example:
     >>> import metagrad
@@ -14,7 +14,7 @@ Example:
 
 from . import batched, data, methods, models  # batched: registers the models' task-batched forwards
 from .chunks import meta_backward
-from .maml import MAML, MetaLossOutput
+from .learners import MAML, MetaLossOutput, ProtoNet
 from .seams import InnerContext, LearnerView, OuterContext, Plugin
 from .tasks import TaskBatch
 
@@ -27,6 +27,7 @@ __all__ = [
            "MetaLossOutput",
            "OuterContext",
            "Plugin",
+           "ProtoNet",
            "TaskBatch",
            "__version__",
            "batched",

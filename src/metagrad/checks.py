@@ -33,10 +33,13 @@ def learner_options(adapt: str, loss: str, inner_steps: int, eval_inner_steps: i
 
 
 def attach(plugin: Plugin, view: LearnerView) -> None:
-    """Attach ``plugin`` to the learner ``view`` describes; refuse a non-plug-in, or one needing features the model
-    cannot give (checked after ``attach``, which may decide ``needs_features`` from the model)."""
+    """Attach ``plugin`` to the learner ``view`` describes; refuse a non-plug-in, one that does not support this
+    learner (``Plugin.learners``), or one needing features the model cannot give (checked after ``attach``, which may decide ``needs_features`` from the model)."""
     if not isinstance(plugin, Plugin):
         raise TypeError(f"plugins must be metagrad.seams.Plugin instances, got {type(plugin).__name__}")
+    if view.host not in plugin.learners:
+        raise ValueError(f"plug-in {plugin.name!r} does not run on {view.host}: {plugin.refusal} (it supports "
+                         f"{', '.join(plugin.learners)})")
     plugin.attach(view)
     if plugin.needs_features and not supports_features(view.model):
         raise ValueError(f"plug-in {plugin.name!r} needs features, but {type(view.model).__name__}.forward has no "

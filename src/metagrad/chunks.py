@@ -3,7 +3,7 @@
 ``learner.meta_loss(batch).loss.backward()`` holds the whole meta-batch's graph until the backward: on Omniglot
 5-way 1-shot with 15 queries and 32 tasks, about 21 times what a per-task loop holds. :func:`meta_backward`
 gives the same gradients while holding one chunk's graph at a time, for MAML alone and for any combination of
-plug-ins, so the loop in :mod:`metagrad.maml` stays the definition and memory is bounded here, outside it.
+plug-ins, so every learner's loop (:mod:`metagrad.learners`) stays the definition and memory is bounded here, outside it.
 
 Why chunking is exact. The meta-objective is a mean over tasks: the query loss, MAML++'s multi-step losses and
 every plug-in's outer term are means of per-task terms (the property :mod:`metagrad.distributed` shards a
@@ -44,7 +44,7 @@ from torch import nn
 
 from . import functional as fn
 from .distributed import group_size_of, units
-from .maml import MetaLossOutput
+from .learners.base import MetaLossOutput
 from .tasks import TaskBatch
 
 # The largest graph one chunk may save for backward, by device type. On CPU 80 MiB: Conv4 Omniglot 5w1s chunks
@@ -60,7 +60,7 @@ def meta_backward(learner: nn.Module, batch: TaskBatch, chunk: int | None = None
     ``learner.meta_loss(batch, first_order).loss.backward()`` would add them.
 
     Args:
-        learner: a :class:`~metagrad.MAML` (its plug-ins' ``task_group_size`` sets the groups).
+        learner: any learner (:mod:`metagrad.learners`; its plug-ins' ``task_group_size`` sets the groups).
         batch: the meta-batch.
         chunk: tasks per chunk, rounded to whole task groups (at least one); None: sized from the bytes the
             first chunk's graph saves against ``CHUNK_BYTES``, recomputing forwards where one group exceeds it.

@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 # The allowed values of the fields that take a name; the modules that act on them import them from here.
 MODELS = ("auto", "mlp", "conv4", "gcn")
 POOLS = ("max", "stride", "none")                      # models.conv4
-ADAPT = ("all", "no_norm", "head")                     # maml
+ADAPT = ("all", "no_norm", "head", "body")             # maml, functional.ADAPTED_ROLES
 INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
@@ -85,7 +85,8 @@ class MAMLConfig:
     inner_steps: int = _f(1, min=1)     # inner steps in meta-training (the second-order graph grows with it)
     eval_inner_steps: int | None = _f(None, min=0)  # inner steps at evaluation; None: same as inner_steps
     first_order: bool = False           # FOMAML: drop second-order terms (cheaper, nearly as good)
-    adapt: str = _f("all", choices=ADAPT)  # all | no_norm | head (ANIL): which tensors the inner loop updates
+    adapt: str = _f("all", choices=ADAPT)  # all | no_norm | head (ANIL) | body (BOIL): which tensors the inner
+                                        # loop updates (T-Net's transforms never)
     learn_inner_lr: str = _f("fixed", choices=INNER_LR_MODES)  # fixed | per_step (MAML++ LSLR) | per_element
                                         # (Meta-SGD)
     multi_step_loss: bool = False       # MAML++ MSL: query loss after every inner step, annealed to the last

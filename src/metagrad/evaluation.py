@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from . import config as C
 from . import data, methods, models
 from .data import Benchmark
-from .maml import MAML
+from .learners import MAML
 from .rundir import EVAL as EVAL_FILE
 from .rundir import SCORES as SCORES_FILE
 from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key

@@ -67,21 +67,38 @@ def meta_params(model: nn.Module) -> Params:
     return dict(model.named_parameters())
 
 
+# A parameter's role decides whether the inner loop adapts it; ``adapt`` names the roles adapted.
+ROLES = ("body", "norm", "head", "outer")
+ADAPTED_ROLES = {"all": ("body", "norm", "head"), "no_norm": ("body", "head"), "head": ("head",),
+                 "body": ("body", "norm")}
+
+
+def param_roles(model: nn.Module) -> dict[str, str]:
+    """Every parameter's role, by name, in ``named_parameters()`` order: ``"outer"`` when its module declares
+    ``meta_role = "outer"`` (meta-learned, never adapted: T-Net's transforms), ``"head"`` for the last
+    ``nn.Linear``'s (the output layer ANIL adapts and BOIL freezes), ``"norm"`` for normalisation layers' affine
+    parameters, ``"body"`` for every other one."""
+    linears = [m for m, mod in model.named_modules() if isinstance(mod, nn.Linear)
+               and getattr(mod, "meta_role", None) is None]
+    head = linears[-1] if linears else None
+    roles: dict[str, str] = {}
+    for m, mod in model.named_modules():
+        role = getattr(mod, "meta_role", None) or ("head" if m == head else
+                                                   "norm" if isinstance(mod, _NORM_TYPES) else "body")
+        roles.update({f"{m}.{p}" if m else p: role for p, _ in mod.named_parameters(recurse=False)})
+    return {n: roles[n] for n in meta_params(model)}
+
+
 def adapted_names(model: nn.Module, adapt: str) -> tuple[str, ...]:
-    """The names of the parameters the inner loop updates: ``adapt`` "all", "no_norm" (all but normalisation
-    layers' affine parameters) or "head" (the last ``nn.Linear``'s, ANIL)."""
-    names = list(meta_params(model))
-    if adapt == "all":
-        return tuple(names)
-    if adapt == "no_norm":
-        skip = {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, _NORM_TYPES)
-                for p, _ in mod.named_parameters(recurse=False)}
-        return tuple(n for n in names if n not in skip)
-    linears = [m for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    if not linears:
-        raise ValueError(f"adapt='head' needs an nn.Linear head; {type(model).__name__} has none")
-    head = linears[-1]
-    return tuple(n for n in names if n.rsplit(".", 1)[0] == head)
+    """The names of the parameters the inner loop updates, by role (:func:`param_roles`): ``adapt`` "all"
+    (every role but "outer"), "no_norm" (not normalisation layers' affine parameters either), "head" (the last
+    ``nn.Linear``'s, ANIL) or "body" (all but the head, BOIL)."""
+    if adapt not in ADAPTED_ROLES:
+        raise ValueError(f"unknown adapt mode {adapt!r}: use one of {', '.join(ADAPTED_ROLES)}")
+    roles = param_roles(model)
+    if adapt in ("head", "body") and "head" not in roles.values():
+        raise ValueError(f"adapt={adapt!r} needs an nn.Linear head; {type(model).__name__} has none")
+    return tuple(n for n, role in roles.items() if role in ADAPTED_ROLES[adapt])
 
 
 def expand_tasks(params: Mapping[str, torch.Tensor], T: int) -> Params:

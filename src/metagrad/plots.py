@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .data import Benchmark
-from .maml import MAML
+from .learners import MAML
 from .rundir import PLOT as PLOT_FILE
 from .rundir import read_metrics, write_atomic
 

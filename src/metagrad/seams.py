@@ -65,7 +65,7 @@ class LearnerView:
 
     model: nn.Module                 # the model; its parameters are θ
     adapted: tuple[str, ...]         # names of the tensors the inner loop updates, in parameter order
-    adapt_mode: str                  # "all" | "no_norm" | "head"
+    adapt_mode: str                  # "all" | "no_norm" | "head" | "body" ("none": a learner without inner loop)
     loss_kind: str                   # "cross_entropy" | "mse"
     inner_steps: int                 # inner steps in meta-training
     eval_inner_steps: int            # inner steps in evaluation (by default)
@@ -74,6 +74,10 @@ class LearnerView:
     # loss(output, target, per_sample=False): [T] mean loss per task ([T, N] with per_sample)
     loss: Callable[..., torch.Tensor]
     meta_params: Callable[[], Params]  # θ by name, un-batched (live: the model's current parameters)
+    host: str = "maml"               # the learner's registry key (a plug-in lists those it supports)
+    # The size of the features a plug-in reads (query_features), when the learner knows it; None: the input
+    # of the model's last nn.Linear (MAML's heads). ProtoNet: the embedding's size.
+    feature_dim: int | None = None
 
 
 @dataclass
@@ -124,6 +128,9 @@ class OuterContext:
     create_graph: bool
     diagnostics: dict[str, Any] = field(default_factory=dict)
     step_query_losses: list[torch.Tensor] | None = None  # [T] after each inner step, when a plug-in records them
+    # ProtoNet: task j's adapted model is its prototype classifier, the class means of its support embeddings
+    # [T, ways, d] (query_output: logits −‖query_features − prototype‖², fast_params: θ per task).
+    prototypes: torch.Tensor | None = None
 
     def forward(self, params: Params, x: torch.Tensor, return_features: bool = False):
         """The model with task-batched ``params`` on task-batched ``x``."""
@@ -186,12 +193,16 @@ class Plugin(nn.Module):
 
     Subclasses set ``needs_features = True`` when ``outer_term`` reads query features, list the report figures
     their diagnostics make in ``figures``, and override ``task_group_size`` when they relate tasks to each other.
+    ``learners`` lists the learner keys the plug-in supports; on any other the learner refuses it at build time
+    with ``refusal`` (one line: why its mechanism does not apply there).
     """
 
     needs_features: bool = False
     records_step_losses: bool = False
     name: str = "plugin"
     figures: ClassVar[tuple[FigureSpec, ...]] = ()
+    learners: ClassVar[tuple[str, ...]] = ("maml",)
+    refusal: ClassVar[str] = "it acts on the inner loop, which only MAML has"
 
     @property
     def task_group_size(self) -> int:

@@ -49,7 +49,7 @@ from .evaluation import (
     per_task_metric,
     read_records,
 )
-from .maml import MAML
+from .learners import MAML
 from .rundir import (
     EVAL,
     FAULTS,

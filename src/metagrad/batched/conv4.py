@@ -115,7 +115,8 @@ def _forward_one(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tens
         else:
             x = _pool_relu(z, model.pool)
     feats = model.features_of(x)
-    out = F.linear(feats, params["head.weight"], params["head.bias"])
+    # A Conv4 without its head (metagrad.learners.embedding_of, an nn.Identity): the features are the output.
+    out = F.linear(feats, params["head.weight"], params["head.bias"]) if "head.weight" in params else feats
     if tap is not None:
         return out, (feats if fmap is None else fmap)
     return (out, feats) if return_features else out
@@ -246,7 +247,8 @@ def _forward_grouped(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.
         else:
             z = _pool_relu(z, model.pool)
     feats = model.features_of(z).reshape(n, t, -1).transpose(0, 1)                    # [T, n, F]
-    out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
+    out = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)) \
+        if "head.weight" in params else feats
     if tap is not None:
         return out, (feats if fmap is None else fmap)
     return (out, feats) if return_features else out

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import functional as fn
 from ..losses import task_accuracy
+from ..prototypes import distance_logits
 from ..seams import LearnerView, OuterContext, Plugin, Series, VersusFigure
 from . import register
 
@@ -72,6 +73,12 @@ class CML(Plugin):
       which knows the tap). BN uses the statistics of each task's query set, as the library's models do; the
       convs have no bias (the official code has one, but batch-statistics BN cancels it).
 
+    On ProtoNet (host ``"protonet"``; our reading, the paper has no such host): the embedding is not adapted
+    per task, so a fixed-class head on it would score arbitrary episode labels. The co-learner is a projection
+    φ: Linear(d, d) → ReLU → Linear(d, d) of the embedding with its own prototype classifier, logits
+    −‖φ(e_q) − φ(c_k)‖² of the query embeddings e_q against the task's prototypes c_k mapped by φ; its
+    cross-entropy reaches the embedding through both. ``head="conv"`` is refused there.
+
     What the spec leaves open and the reading taken: regression uses MSE (the learner's loss), out = output
     dim; λ = 0 skips the term, which gives plain MAML's loss and gradients exactly. Diagnostics per meta-batch:
     ``cml.loss`` and, for classification, ``cml.accuracy`` (the co-learner's query accuracy).
@@ -91,6 +98,7 @@ class CML(Plugin):
     needs_features = True
     figures = (VersusFigure(file="cml", caption="CML co-learner", title="CML co-learner vs meta-learner",
                             loss=Series("cml.loss", "co-learner"), accuracy=Series("cml.accuracy", "co-learner")),)
+    learners = ("maml", "protonet")
 
     def __init__(self, weight: float = 1.0, head: str = "mlp") -> None:
         super().__init__()
@@ -105,6 +113,14 @@ class CML(Plugin):
         self.tap: str | None = None                # head="conv": the module whose input φ reads, set at attach
 
     def attach(self, view: LearnerView) -> None:
+        if view.host == "protonet":
+            if self.head != "mlp" or view.feature_dim is None:
+                raise ValueError("CML on ProtoNet: use head='mlp' and give the embedding's size "
+                                 f"(ProtoNet(..., embedding_dim=d)); got head={self.head!r}, size {view.feature_dim}")
+            d = view.feature_dim
+            w = next(iter(view.meta_params().values()))
+            self.co_learner = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)).to(w.dtype).to(w.device)
+            return
         model = view.model
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -137,6 +153,9 @@ class CML(Plugin):
     def _co_logits(self, ctx: OuterContext) -> torch.Tensor:
         """φ on every task's adapted query features (or maps): ``[T, N_q, out]``."""
         assert self.co_learner is not None
+        if ctx.prototypes is not None:   # ProtoNet: a prototype classifier in the co-learner's projection
+            assert ctx.query_features is not None
+            return distance_logits(self.co_learner(ctx.query_features), self.co_learner(ctx.prototypes))
         if self.head == "mlp":
             assert ctx.query_features is not None
             return self.co_learner(ctx.query_features)   # Linear layers act on the last dim: task-batched

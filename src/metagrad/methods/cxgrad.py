@@ -69,6 +69,8 @@ class CxGrad(Plugin):
 
     figures = (LayerFigure(file="cxgrad", caption="CxGrad γ", title="CxGrad γ_l at inner step 0",
                            series=Series("cxgrad.gamma.step0", "γ_l (conv weight norm)")),)
+    learners = ("maml",)
+    refusal = "it rescales the conv weights an inner step takes its gradient at, and ProtoNet has no inner loop"
 
     def __init__(self, context_dim: int = 100, context_lr: float = 1.0) -> None:
         super().__init__()

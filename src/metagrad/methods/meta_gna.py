@@ -96,6 +96,8 @@ class MetaGNA(Plugin):
     figures = (LayerFigure(file="meta-gna", caption="Meta-GNA Arbiter step lengths",
                            title="Meta-GNA Arbiter step length a_l at inner step 0",
                            series=Series("meta_gna.factor.step0", "a_l (step norm = α·a_l)")),)
+    learners = ("maml",)
+    refusal = "it normalises and rescales inner-loop gradients, and ProtoNet has no inner loop"
 
     def __init__(self, features: str = "wn_gn", per_step: bool = False, per_sample: bool = False,
                  normalize: bool = True, constant_arbiter: bool = False, norms: str = "code") -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as fn
+from ..prototypes import distance_logits
 from ..seams import LearnerView, MatrixFigure, OuterContext, Plugin, Series
 from ..tasks import task_groups
 from . import register
@@ -70,6 +71,13 @@ class TRLearner(Plugin):
     * Extra cost per meta-batch: T support forwards at θ for m_i (plus a backward for regression) and T·(G−1)
       probe forwards (T·G with ``own="probe"``).
     * With two tasks per group each row of M̃ has one entry (always 1), so the heads get no gradient.
+    * On ProtoNet (host ``"protonet"``) task j's adapted model is its prototype classifier. The embedding is
+      shared by all tasks, so features of task i's probes under model j would equal its own (the term would
+      vanish); P_ij is instead the softmax over −‖e − c_k^j‖² of task i's probe embeddings e against task j's
+      prototypes, sorted in decreasing order over the classes (label-free: an episode's class order is
+      arbitrary). P_ii uses task i's own prototypes (its query logits); no extra forward. m_i as for
+      classification, on the support embeddings. ``own`` changes nothing there (the probes' embeddings come
+      from the one forward of the task).
 
     Diagnostics per meta-batch: ``trlearner.relation`` (M̃ of the first group) and ``trlearner.loss`` (L_TR).
 
@@ -94,6 +102,7 @@ class TRLearner(Plugin):
     figures = (MatrixFigure(file="relation", caption="TRLearner relation matrix", title="TRLearner relation matrix",
                             series=Series("trlearner.relation", "M̃_ij: softmax over j≠i of M_ij/τ"),
                             xlabel="task j (within the group)", ylabel="task i"),)
+    learners = ("maml", "protonet")
 
     def __init__(self, weight: float = 0.1, heads: int = 4, temperature: float = 0.5, group_size: int = 4,
                  probe_size: int = 16, own: str = "query", probes: str = "spread") -> None:
@@ -120,6 +129,15 @@ class TRLearner(Plugin):
         return self.group_size
 
     def attach(self, view: LearnerView) -> None:
+        if view.host == "protonet":
+            if view.feature_dim is None:
+                raise ValueError("TRLearner on ProtoNet sizes its heads by the embedding: pass "
+                                 "ProtoNet(..., embedding_dim=d)")
+            self._classification, self.needs_features = True, True
+            w = next(iter(view.meta_params().values()))
+            self.head_weights = nn.Parameter(1 + 0.01 * torch.randn(self.num_heads, 2 * view.feature_dim,
+                                                                    dtype=w.dtype, device=w.device))
+            return
         model = view.model
         head, lin = _last_linear(model, "TRLearner")
         self._classification = view.loss_kind == "cross_entropy"
@@ -198,7 +216,20 @@ class TRLearner(Plugin):
         rel = self.relation(self.meta_data(ctx), groups)
         rows = self.probe_rows(batch.query_x.shape[1], batch.query_x.device)
         probe = batch.query_x[:, rows]
-        own = self._own_outputs(ctx, probe, rows, cls)
+        protos = ctx.prototypes
+        if protos is not None:   # ProtoNet: class-order-free outputs of the prototype classifiers
+            assert ctx.query_features is not None
+            emb = ctx.query_features[:, rows]
+            own = _sorted_probs(ctx.query_output[:, rows])
+
+            def partner_outputs(sel: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+                return _sorted_probs(distance_logits(emb[sel], protos[partner]))
+        else:
+            own = self._own_outputs(ctx, probe, rows, cls)
+
+            def partner_outputs(sel: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+                out = ctx.forward({name: p[partner] for name, p in ctx.fast_params.items()}, probe[sel], cls)
+                return out[1] if cls else out
         # Σ_j M̃_ij P_ij, one task-batched forward per partner offset k (T·(G−1) probe forwards in all).
         index = torch.arange(T, device=probe.device)
         start = torch.empty(T, dtype=torch.long, device=probe.device)
@@ -209,8 +240,7 @@ class TRLearner(Plugin):
         for k in range(1, max(len(g) for g in groups)):
             sel = index[size > k]           # tasks whose group still has an unseen partner at offset k
             partner = start[sel] + (sel - start[sel] + k) % size[sel]
-            out = ctx.forward({name: p[partner] for name, p in ctx.fast_params.items()}, probe[sel], cls)
-            others = out[1] if cls else out
+            others = partner_outputs(sel, partner)
             mix = mix.index_add(0, sel, rel[sel, partner].view(-1, *[1] * (others.dim() - 1)) * others)
         loss = (own - mix).pow(2).flatten(1).mean(dim=1).mean()
         first = groups[0]
@@ -235,3 +265,9 @@ class TRLearner(Plugin):
             return out[:, rows]
         out = ctx.forward(ctx.fast_params, probe, cls)
         return out[1] if cls else out
+
+
+def _sorted_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities sorted in decreasing order over the classes: a classifier's output on an input,
+    free of the episode's arbitrary class order."""
+    return torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values

@@ -9,6 +9,8 @@ nothing from ``functional``, ``batched``, ``data`` or ``methods``.
 from .conv4 import Conv4
 from .gcn import GCN
 from .mlp import MLP
-from .registry import auto_name, available, create, register
+from .registry import auto_name, available, create, register, wrap, wrappers
+from .tnet import TNet, Transform
 
-__all__ = ["GCN", "MLP", "Conv4", "auto_name", "available", "create", "register"]
+__all__ = ["GCN", "MLP", "Conv4", "TNet", "Transform", "auto_name", "available", "create", "register", "wrap",
+           "wrappers"]

@@ -15,8 +15,11 @@ from ..config import ConfigError
 from .conv4 import Conv4
 from .gcn import GCN
 from .mlp import MLP
+from .tnet import TNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# Wrappers around any built model, by name (config ``model.wrap``): ``wrapper(model) → nn.Module``.
+WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {"tnet": TNet}
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -34,6 +37,20 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 def available() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_REGISTRY)
+
+
+def wrappers() -> list[str]:
+    """Model wrapper names (``model.wrap``), sorted: ``tnet`` (:class:`~metagrad.models.TNet`)."""
+    return sorted(WRAPPERS)
+
+
+def wrap(names: Sequence[str], model: nn.Module) -> nn.Module:
+    """``model`` inside each named wrapper, the first innermost."""
+    for name in names:
+        if name not in WRAPPERS:
+            raise ConfigError(f"unknown model wrapper {name!r}: choose among {', '.join(wrappers())}")
+        model = WRAPPERS[name](model)
+    return model
 
 
 def auto_name(bench: Any) -> str:
