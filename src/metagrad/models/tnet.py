@@ -19,9 +19,9 @@ class Transform(nn.Module):
 
     meta_role = "outer"
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(channels))
+        self.weight = nn.Parameter(torch.eye(channels, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [N, C, *rest]: mix channels, for a Linear's [N, C] output and a conv's [N, C, H, W] map alike.
@@ -55,8 +55,10 @@ class TNet(nn.Module):
         if not layers:
             raise ValueError(f"TNet transforms the outputs of nn.Linear and nn.Conv2d layers; "
                              f"{type(model).__name__} has none")
-        self.transforms = nn.ModuleDict({key: Transform(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
-                                         for key, m in layers.items()})
+        # Sized, typed and placed like each layer's output (the model may already be float64 or on a GPU).
+        self.transforms = nn.ModuleDict({
+            key: Transform(m.out_features if isinstance(m, nn.Linear) else m.out_channels, m.weight.dtype,
+                           m.weight.device) for key, m in layers.items()})
 
     def layers(self) -> dict[str, nn.Module]:
         """The transformed layers of the model, by transform key (the module name, dots as underscores)."""
