@@ -85,6 +85,10 @@ def test_protonet_protocol_evaluate_adapt_predict_and_meta_backward():
     assert torch.allclose(ce(logits, batch.query_y[1]), out.task_losses[1].detach(), rtol=1e-10)
     with pytest.raises(ValueError, match="no inner loop"):
         learner.evaluate(batch, inner_steps=1)
+    gap = metagrad.TaskBatch(batch.support_x, batch.support_y.clone(), batch.query_x, batch.query_y)
+    gap.support_y[2, gap.support_y[2] == 1] = 0
+    with pytest.raises(ValueError, match="lacks a class"):
+        learner.meta_loss(gap)
 
 
 @pytest.mark.parametrize("key", ["meta_gna", "cxgrad"])

@@ -14,14 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def prototypes(support: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
-    """``[T, ways, d]`` class means of the support embeddings ``[T, N_s, d]`` with labels ``[T, N_s]``."""
-    onehot = F.one_hot(support_y, ways).to(support.dtype)                   # [T, N_s, ways]
-    counts = onehot.sum(dim=1)                                               # [T, ways]
-    if bool((counts == 0).any()):
-        raise ValueError(f"ProtoNet: a task's support set lacks a class of 0..{ways - 1}: every class needs a "
-                         "support example to have a prototype")
-    return onehot.transpose(1, 2) @ support / counts.unsqueeze(-1)
+def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """``[T, ways, d]``: the mean feature of each class's support samples (zero for a class with none).
+
+    Args:
+        features: ``[T, N, d]`` support features.
+        labels: ``[T, N]`` class ids in ``0..ways-1``.
+        ways: number of classes (rows).
+    """
+    onehot = F.one_hot(labels, ways).to(features.dtype)            # [T, N, ways]
+    sums = onehot.transpose(1, 2) @ features                        # [T, ways, d]
+    return sums / onehot.sum(1).clamp_min(1).unsqueeze(-1)
 
 
 def distance_logits(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,7 @@ class ProtoNet(nn.Module):
         n_s = batch.support_x.shape[1]
         z = self.forward_batched(params, torch.cat([batch.support_x, batch.query_x], dim=1))
         support, query = z[:, :n_s], z[:, n_s:]
-        ways = int(batch.support_y.max()) + 1
-        protos = prototypes(support, batch.support_y, ways)
+        protos = prototypes(support, batch.support_y, _ways(batch.support_y))
         logits = distance_logits(query, protos)
         checks.check_targets("cross_entropy", logits, batch.query_y, "query")
         samples = self.loss_of(logits, batch.query_y, per_sample=True)
@@ -144,7 +143,7 @@ class ProtoNet(nn.Module):
         """One task's prototype classifier (no task dimension): ``{"prototypes": [ways, d]}``, the support set
         embedded alone."""
         z = fn.forward_single(self.model, self.meta_params(), support_x)
-        return {"prototypes": prototypes(z.unsqueeze(0), support_y.unsqueeze(0), int(support_y.max()) + 1)[0]}
+        return {"prototypes": prototypes(z.unsqueeze(0), support_y.unsqueeze(0), _ways(support_y.unsqueeze(0)))[0]}
 
     def predict(self, fast: fn.Params, query_x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, ways]`` of ``query_x`` (embedded alone) against the prototypes from :meth:`adapt`."""
@@ -153,6 +152,16 @@ class ProtoNet(nn.Module):
 
     def forward(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput:
         return self.meta_loss(batch, first_order)
+
+
+def _ways(support_y: torch.Tensor) -> int:
+    """The number of ways of support labels ``[T, N_s]``: every task must hold every class 0..ways−1."""
+    ways = int(support_y.max()) + 1
+    present = F.one_hot(support_y, ways).sum(dim=1)
+    if bool((present == 0).any()):
+        raise ValueError(f"ProtoNet: a task's support set lacks a class of 0..{ways - 1}: every class needs a "
+                         "support example to have a prototype")
+    return ways
 
 
 def _dim_of(embedding: nn.Module) -> int | None:
