@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -112,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed as D
+    from .runlock import locked
+
+    if args.out_dir is not None and not args.out_dir.strip():
+        return _fail("--out-dir is empty: name the run directory, or leave --out-dir out for runs/<name>-<time>")
+    with contextlib.ExitStack() as held:
+        if args.resume and args.out_dir and not args.dry_run and not D.launched() and (args.nproc or 1) == 1:
+            if not Path(args.out_dir).is_dir():
+                return _fail(f"cannot resume: run directory {args.out_dir!r} does not exist")
+            held.enter_context(locked(args.out_dir))   # before its config is read (train holds it on)
+        return _train_locked(args)
+
+
+def _train_locked(args: argparse.Namespace) -> int:
     from .evaluation import format_table
     from .train import train
 
@@ -130,6 +145,9 @@ def _train(args: argparse.Namespace) -> int:
     else:
         base = C.load_preset(args.config)
     cfg = C.resolve(base, overrides)
+    if not args.out_dir and (cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name):
+        return _fail(f"name {cfg.name!r} is not a plain name, so runs/<name>-<time> would not be a folder of runs/: "
+                     "pass --out-dir, or --set name=PLAIN_NAME")
     out_dir = Path(args.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.nproc is not None:
         from . import distributed as D
@@ -142,10 +160,14 @@ def _train(args: argparse.Namespace) -> int:
                 return _fail(f"--nproc {args.nproc} but torchrun started {world} processes: leave --nproc out "
                              "under torchrun")
         elif args.nproc > 1:
+            from .runlock import locked
             from .train import _open_run
 
-            _open_run(out_dir, cfg, args.resume)  # a bad run directory fails here in one line, not once per rank
-            return _launch(args, out_dir)
+            if args.resume and not out_dir.is_dir():
+                return _fail(f"cannot resume: run directory {str(out_dir)!r} does not exist")
+            with locked(out_dir):   # held for the workers (metagrad.runlock.environment)
+                _open_run(out_dir, cfg, args.resume)  # a bad run directory fails here in one line, not once per rank
+                return _launch(args, out_dir)
     if args.dry_run:
         return _dry_run(cfg, out_dir, args.resume)
     start = time.perf_counter()
@@ -181,8 +203,14 @@ def _saved_config(run_dir: Path) -> dict:
 def _dry_run(cfg: C.Config, out_dir: Path, resume: bool) -> int:
     """Check everything a run needs, as :func:`metagrad.train.train` would before its first step; write nothing."""
     from .evaluation import device_of
+    from .runlock import RunInUseError, holder, in_use_message
     from .train import _open_run, build
 
+    pid = holder(out_dir)
+    if pid is not None:   # the run would be refused: say so now
+        raise RunInUseError(in_use_message(out_dir, pid))
+    if resume and not out_dir.is_dir():
+        raise CheckpointError(f"cannot resume: run directory {str(out_dir)!r} does not exist")
     state = _open_run(out_dir, cfg, resume)
     s = build(cfg, device_of(cfg.train.device))
     start = 0 if state is None else int(state["iteration"])
@@ -213,7 +241,9 @@ def _launch(args: argparse.Namespace, out_dir: Path) -> int:
         argv += ["--out-dir", str(out_dir)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "metagrad", *argv]
-    env = dict(os.environ)
+    from .runlock import environment
+
+    env = {**os.environ, **environment(out_dir)}   # the workers write under this process's lock
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several processes, without its warning
     rc = subprocess.call(cmd, env=env)
     if rc == 0:
@@ -229,7 +259,7 @@ def _launch(args: argparse.Namespace, out_dir: Path) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_run, format_table
+    from .evaluation import RunError, evaluate_run, format_table
     from .train import check_scores
 
     if args.tasks is not None and args.tasks < 1:
@@ -238,9 +268,16 @@ def _eval(args: argparse.Namespace) -> int:
         return _fail(f"--ways must be >= 2, got {args.ways}")
     if args.steps is not None and min(args.steps) < 0:
         return _fail(f"--steps must be >= 0, got {' '.join(map(str, args.steps))}")
-    _check_eval_dir(Path(args.run_dir))
-    records = evaluate_run(args.run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
-                           data_root=args.data_root, ways=args.ways, inner_steps=args.steps)
+    from .runlock import locked
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():   # checked first: the lock would make it
+        raise RunError(f"run directory {str(run_dir)!r} " + ("is not a directory: pass the run's folder"
+                                                              if run_dir.exists() else "does not exist"))
+    with locked(run_dir):      # one writer, from before anything is read
+        _check_eval_dir(run_dir)
+        records = evaluate_run(run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
+                               data_root=args.data_root, ways=args.ways, inner_steps=args.steps)
     print(format_table(records))
     check_scores(records)
     return 0
@@ -254,8 +291,9 @@ def _check_eval_dir(run_dir: Path) -> None:
     from .train import RESUMABLE
 
     if not run_dir.is_dir():
-        raise RunError(f"run directory {str(run_dir)!r} does not exist")
-    R.check_files(run_dir, (*R.RUN_FILES, R.FAULTS))
+        raise RunError(f"run directory {str(run_dir)!r} " + ("is not a directory: pass the run's folder"
+                                                              if run_dir.exists() else "does not exist"))
+    R.check_files(run_dir)
     R.read_records(run_dir)
     if not candidates(run_dir):
         raise RunError(f"{str(run_dir)!r} holds no checkpoint (checkpoint.pt is missing): nothing to evaluate; "
@@ -323,6 +361,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
 
 
+# What a Ctrl-C leaves, by command.
+_INTERRUPTED = {"train": "the last checkpoint is kept; continue with --resume",
+                "study": "each cell keeps its last checkpoint; the same command resumes the study",
+                "eval": "no record was added to eval.json; run the same command again"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metagrad`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -337,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print("metagrad: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"metagrad: interrupted ({_INTERRUPTED.get(command, 'nothing half-written is kept')})",
+              file=sys.stderr)
         return 130
     except (ValueError, CheckpointError) as e:
         # ConfigError, RunError, DataError and CheckpointError are ValueErrors with one-line messages.

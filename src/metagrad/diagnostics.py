@@ -29,6 +29,7 @@ from . import rundir
 from .evaluation import device_of, make_benchmark, make_learner
 from .rundir import DIAGNOSTICS as DIAG_FILE
 from .rundir import read_diagnostics
+from .runlock import locked
 
 FIT_TASKS = 4
 
@@ -36,9 +37,16 @@ FIT_TASKS = 4
 def write_diagnostics(run_dir: str | Path, tasks: int = 100) -> dict[str, Any]:
     """Compute the diagnostics of a run's latest checkpoint on its test split and write ``diagnostics.json``.
 
-    ``tasks``: the first test tasks used, at most the run's ``eval.tasks``.
+    ``tasks``: the first test tasks used, at most the run's ``eval.tasks``. Holds the run's lock
+    (:mod:`metagrad.runlock`) while it reads and writes.
     """
-    run_dir = rundir.open_run(run_dir)
+    if not Path(run_dir).is_dir():
+        raise ckpt.CheckpointError(f"no checkpoint in {str(run_dir)!r} (it is not a directory)")
+    with locked(run_dir):
+        return _write_diagnostics(rundir.open_run(run_dir), tasks)
+
+
+def _write_diagnostics(run_dir: Path, tasks: int) -> dict[str, Any]:
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
     device = device_of(cfg.train.device)

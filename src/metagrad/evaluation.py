@@ -35,6 +35,7 @@ from .learners import MAML
 from .rundir import EVAL as EVAL_FILE
 from .rundir import SCORES as SCORES_FILE
 from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key
+from .runlock import locked
 
 # The records' readers and writers live in metagrad.rundir; they are re-exported here, where they were first.
 
@@ -187,8 +188,14 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: in
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"run directory {str(run_dir)!r} does not exist")
-    open_run(run_dir)
+        raise RunError(f"run directory {str(run_dir)!r} " + ("is not a directory" if run_dir.exists() else
+                                                              "does not exist"))
+    with locked(run_dir):   # one writer per run directory (metagrad.runlock)
+        return _evaluate_run(open_run(run_dir), split, tasks, benchmark, data_root, ways, inner_steps)
+
+
+def _evaluate_run(run_dir: Path, split: str, tasks: int | None, benchmark: str | None, data_root: str | None,
+                  ways: int | None, inner_steps: Sequence[int] | None) -> list[dict[str, Any]]:
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
     device = device_of(cfg.train.device)

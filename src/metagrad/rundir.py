@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,10 +45,13 @@ FAULTS = "faults.jsonl"
 DIAGNOSTICS = "diagnostics.json"
 PLOT = "curves.png"
 MANIFEST = "study.json"
-# The files that make a directory hold a run (a new run refuses to start over them).
+# The files a run reads or writes by name; with the kept copies ``checkpoint-<iteration>.pt`` and what a resume
+# sets aside (``*.corrupt``, ``*.damaged``), any of them makes a directory hold a run (see :func:`held_files`).
 RUN_FILES = (CONFIG, CHECKPOINT, METRICS, EVAL, SCORES)
+OUTPUTS = (*RUN_FILES, FAULTS, DIAGNOSTICS, PLOT)
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+_ASIDE = (".corrupt", ".damaged")
 
 
 def numbered_checkpoint(iteration: int) -> str:
@@ -124,7 +128,7 @@ def _running(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    except OSError:  # pragma: no cover - e.g. an id out of range
+    except (OSError, OverflowError):  # an id out of range (a crafted suffix): no such process
         return False
     try:  # a killed process not yet reaped (a zombie) writes nothing any more
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -151,15 +155,53 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
 
 
-def check_files(folder: str | os.PathLike[str], names: tuple[str, ...]) -> None:
-    """Each of ``names`` that exists in ``folder`` is a regular file this process can read; else the OSError.
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` is a file a run writes or sets aside: a run file, a kept checkpoint copy, ``*.corrupt``,
+    ``*.damaged``."""
+    base = name.removesuffix(".corrupt").removesuffix(".damaged")
+    return base in OUTPUTS or _NUMBERED.match(base) is not None
 
-    Run before a run starts writing, so a run file that is a directory or unreadable stops it in one line.
+
+def held_files(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The run files in ``run_dir`` (any kind of entry with a run file's name), sorted: a directory holding any
+    holds a run, and a new run refuses to start over them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if is_run_file(p.name))
+
+
+def check_regular(path: str | os.PathLike[str]) -> None:
+    """``path``, when anything is there, is a regular file (a symbolic link to one is too); else the OSError.
+
+    A FIFO would make a reader wait for ever, a directory or a device fail half-way through a run."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise FileNotFoundError(errno.ENOENT, "a broken symbolic link, expected a file", str(path)) from None
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise OSError(errno.EINVAL, f"{kind}, expected a regular file", str(path))
+
+
+def check_files(folder: str | os.PathLike[str], names: tuple[str, ...] = ()) -> None:
+    """Every run file in ``folder`` (see :func:`is_run_file`, and each of ``names``), and every place a run
+    will write (``curves.png``, a future kept copy), is a regular file this process can read, or absent; else
+    the OSError naming it.
+
+    Run before a run starts writing, so a run file that is a directory, a FIFO or unreadable stops it in one
+    line instead of a hang or a failure after training.
     """
-    for name in names:
-        path = Path(folder) / name
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    folder = Path(folder)
+    here = held_files(folder)
+    for name in dict.fromkeys([*names, *OUTPUTS, *here]):
+        path = folder / name
+        check_regular(path)
         if path.exists():
             with open(path, "rb"):
                 pass
@@ -391,16 +433,17 @@ def describe(e: OSError) -> str:
     """One line for an OS error: the file, then the cause in plain words (disk full, is a directory, …)."""
     if not e.errno:  # raised by metagrad itself with its own message
         return str(e) or type(e).__name__
-    cause = _CAUSES.get(e.errno, e.strerror or type(e).__name__)
+    own = e.strerror and e.strerror != os.strerror(e.errno)  # metagrad's own words for the cause
+    cause = e.strerror if own else _CAUSES.get(e.errno, e.strerror or type(e).__name__)
     where = str(e.filename) if e.filename is not None else "a run file"
     if e.filename2 is not None:
         where += f" -> {e.filename2}"
     return f"cannot use {where}: {cause} (errno {e.errno})"
 
 
-__all__ = ["CHECKPOINT", "CONFIG", "DIAGNOSTICS", "EVAL", "FAULTS", "MANIFEST", "METRICS", "PLOT", "RUN_FILES",
-           "SCORES", "RunFileWarning", "append_fault", "append_records", "cell_dir", "check_files", "check_records",
-           "checkpoint_iteration", "describe", "method_label", "naming", "numbered_checkpoint", "open_log",
+__all__ = ["CHECKPOINT", "CONFIG", "DIAGNOSTICS", "EVAL", "FAULTS", "MANIFEST", "METRICS", "OUTPUTS", "PLOT",
+           "RUN_FILES", "SCORES", "RunFileWarning", "append_fault", "append_records", "cell_dir", "check_files",
+           "check_records", "check_regular", "checkpoint_iteration", "describe", "held_files", "is_run_file", "method_label", "naming", "numbered_checkpoint", "open_log",
            "open_run", "read_config", "read_diagnostics", "read_faults", "read_log", "read_manifest",
            "read_metrics", "read_records", "read_scores", "record_scores", "remove_temporaries", "scores_key",
            "temporary", "truncate_log", "write_atomic", "write_config", "write_diagnostics", "write_json",

@@ -56,7 +56,8 @@ from typing import Any
 
 from . import config as C
 from .keep import cell_key, keep_run, merge_manifest
-from .rundir import MANIFEST, RUN_FILES, cell_dir, method_label
+from .rundir import MANIFEST, cell_dir, held_files, method_label
+from .runlock import locked
 
 try:  # Python >= 3.11
     import tomllib
@@ -207,11 +208,6 @@ def check_cell(cfg: C.Config) -> str | None:
 def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagnostics: bool = True,
              progress: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip) one cell; returns its status record. Never raises for a failing run."""
-    from . import checkpoint as ckpt
-    from .diagnostics import diagnostic_steps, read_diagnostics, write_diagnostics
-    from .evaluation import evaluate_run, read_records
-    from .train import train
-
     run_dir = Path(cell.run_dir)
     record: dict[str, Any] = {**asdict(cell), "status": "", "reason": ""}
     start = time.perf_counter()
@@ -219,29 +215,43 @@ def run_cell(cell: Cell, cfg: C.Config, cross_domain: Sequence[str] = (), diagno
         reason = check_cell(cfg)
         if reason is not None:
             return {**record, "status": "n/a", "reason": reason}
-        if _done(cfg, run_dir):
-            record["status"] = "skipped (done)"
-        else:
-            resume = ckpt.path_of(run_dir).is_file()
-            if not resume:  # killed before its first checkpoint: start again
-                for name in RUN_FILES:
-                    (run_dir / name).unlink(missing_ok=True)
-            train(cfg, run_dir, resume=resume, progress=progress)
-            record["status"] = "resumed" if resume else "trained"
-        have = {r.get("benchmark") for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations}
-        for name in cross_domain:
-            if name not in have:
-                evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
-        _score_trained_steps(cfg, run_dir, cross_domain)
-        diag = read_diagnostics(run_dir)
-        if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations
-                            or not {str(k) for k in diagnostic_steps(cfg, diag.get("task_type", ""))}
-                            <= set(diag.get("sample_losses", {}))):
-            write_diagnostics(run_dir)
+        with locked(run_dir):   # one writer per cell, from its first read to its diagnostics
+            record["status"] = _train_cell(cfg, run_dir, cross_domain, diagnostics, progress)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid; recorded in study.json
         return {**record, "status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def _train_cell(cfg: C.Config, run_dir: Path, cross_domain: Sequence[str], diagnostics: bool,
+                progress: bool) -> str:
+    """Train, resume or skip a cell whose run directory this process holds locked; score and diagnose it."""
+    from . import checkpoint as ckpt
+    from .diagnostics import diagnostic_steps, read_diagnostics, write_diagnostics
+    from .evaluation import evaluate_run, read_records
+    from .train import train
+
+    if _done(cfg, run_dir):
+        status = "skipped (done)"
+    else:
+        resume = bool(ckpt.candidates(run_dir))
+        if not resume:  # killed before its first checkpoint: start again
+            for name in held_files(run_dir):
+                if (run_dir / name).is_file():
+                    (run_dir / name).unlink()
+        train(cfg, run_dir, resume=resume, progress=progress)
+        status = "resumed" if resume else "trained"
+    have = {r.get("benchmark") for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations}
+    for name in cross_domain:
+        if name not in have:
+            evaluate_run(run_dir, split=cfg.eval.split, benchmark=name)
+    _score_trained_steps(cfg, run_dir, cross_domain)
+    diag = read_diagnostics(run_dir)
+    if diagnostics and (diag is None or diag.get("iteration") != cfg.train.iterations
+                        or not {str(k) for k in diagnostic_steps(cfg, diag.get("task_type", ""))}
+                        <= set(diag.get("sample_losses", {}))):
+        write_diagnostics(run_dir)
+    return status
 
 
 def _score_trained_steps(cfg: C.Config, run_dir: Path, cross_domain: Sequence[str]) -> None:

@@ -54,15 +54,16 @@ from .rundir import (
     EVAL,
     FAULTS,
     METRICS,
-    RUN_FILES,
     append_fault,
     check_files,
+    held_files,
     naming,
     open_log,
     open_run,
     truncate_log,
     write_config,
 )
+from .runlock import locked
 
 # Keys that may change when a run is resumed: they do not alter the training trajectory.
 RESUMABLE = ("train.iterations", "train.device", "train.threads", "train.checkpoint_every", "benchmark.data_root",
@@ -212,25 +213,33 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
     # Under torchrun (WORLD_SIZE > 1) join the process group: each rank trains on its share of every meta-batch.
     dctx, device = D.setup(cfg.train.device)
     try:
-        s = _session(cfg, run_dir, resume, device, dctx)
-        done = _loop(cfg, run_dir, s, device, progress, callback)
-        D.teardown(dctx, synchronize=True)   # every rank leaves the group together; rank 0 then evaluates alone
-        if not dctx.is_main:
-            return RunResult(run_dir, done, rank=dctx.rank)
-        assert s.test_bench is not None
-        return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot)
+        # One writer per run directory, from before it is read until the end (rank 0 alone writes; _session
+        # takes the lock, so that the other ranks learn of a refusal too).
+        with contextlib.ExitStack() as held:
+            s = _session(cfg, run_dir, resume, device, dctx, held)
+            done = _loop(cfg, run_dir, s, device, progress, callback)
+            D.teardown(dctx, synchronize=True)   # every rank leaves the group together; rank 0 then evaluates alone
+            if not dctx.is_main:
+                return RunResult(run_dir, done, rank=dctx.rank)
+            assert s.test_bench is not None
+            return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot)
     finally:
         D.teardown(dctx)   # a no-op after the normal end; on an error leave at once (a peer may be dead)
         torch.set_num_threads(threads)
 
 
 def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
-             dctx: D.Context | None = None) -> _Session:
+             dctx: D.Context | None = None, held: contextlib.ExitStack | None = None) -> _Session:
+    """Open (``held``: and lock, for as long as ``held`` lasts) the run directory, build and restore the run."""
     dctx = dctx or D.Context()
     # Rank 0 alone reads the run directory; the others get its checkpoint (or its error) by broadcast.
     state, error = None, None
     if dctx.is_main:
         try:
+            if resume and not run_dir.is_dir():
+                raise RunError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
+            if held is not None:
+                held.enter_context(locked(run_dir))
             state = _open_run(run_dir, cfg, resume)
         except (ValueError, OSError) as e:
             error = e
@@ -494,21 +503,28 @@ def _repair_checkpoints(run_dir: Path, fallback: tuple[Path, list[Path]] | None)
 
 
 def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory; with ``resume``, its checkpoint (config checked against ``cfg``)."""
-    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    """Check the run directory; with ``resume``, its checkpoint (config checked against ``cfg``).
+
+    Any run file, kept checkpoint copies and ``faults.jsonl`` included, makes a directory hold a run; every run
+    file, and every place the run will write (``curves.png``, a future kept copy), must be a regular file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{str(run_dir)!r} exists and is not a directory")
     if not resume:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise RunError(f"{str(run_dir)!r} exists and is not a directory")
+        check_files(run_dir)   # a directory, FIFO or link where a run file, curves.png or a kept copy will go
+        held = held_files(run_dir)
         if held:
-            raise RunError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(held)}): pass --resume "
+            shown = ", ".join(held[:6]) + (" …" if len(held) > 6 else "")
+            raise RunError(f"run directory {str(run_dir)!r} already holds a run ({shown}): pass --resume "
                            "to continue it, or choose another --out-dir")
         return None
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
-    check_files(run_dir, (*RUN_FILES, FAULTS))  # a directory or an unreadable file fails now, not mid-run
-    read_records(run_dir)                       # a malformed eval.json too
+    check_files(run_dir)        # a directory, a FIFO or an unreadable file fails now, not mid-run
+    read_records(run_dir)       # a malformed eval.json too
     if not ckpt.candidates(run_dir) and not (run_dir / EVAL).exists():
-        # Stopped before its first checkpoint: nothing was kept for good, so the run starts over (same trajectory).
+        # Stopped before its first checkpoint: nothing was kept for good, so the run starts over (same trajectory),
+        # but only as the run its config.json describes.
+        _same_run(run_dir, cfg)
         warnings.warn(f"{str(run_dir)!r} holds no checkpoint yet (stopped before the first one): starting it "
                       "from iteration 0", ckpt.CheckpointWarning, stacklevel=2)
         return None
@@ -523,6 +539,24 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
         raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({', '.join(changed)} differ); "
                        f"only {', '.join(RESUMABLE)} and eval.* may change")
     return state
+
+
+def _same_run(run_dir: Path, cfg: C.Config) -> None:
+    """Refuse ``cfg`` when the run's readable ``config.json`` describes another run (a key outside RESUMABLE and
+    ``eval.*`` differs)."""
+    from .rundir import CONFIG, read_config
+
+    if not (run_dir / CONFIG).exists():
+        return
+    try:
+        saved = read_config(run_dir)
+    except C.ConfigError:
+        return   # damaged: nothing to compare with, and it is rewritten from cfg
+    changed = [k for k in C.diff(saved, cfg) if k not in RESUMABLE and not k.startswith("eval.")]
+    if changed:
+        raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({', '.join(changed[:5])} differ "
+                       f"from its {CONFIG}); only {', '.join(RESUMABLE)} and eval.* may change: leave --config "
+                       "out, or start a new run in another --out-dir")
 
 
 def _validate(cfg: C.Config, learner: MAML, bench: Benchmark, device: torch.device) -> dict[str, float]:
