@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +39,10 @@ from . import rundir
 FILENAME = rundir.CHECKPOINT
 REQUIRED = ("learner", "optimizer", "iteration", "rng", "config")
 CHECKSUM = "checksum"
+# The types of the entries a resume reads (older checkpoints may lack "meter", "wall", "info", "bad_in_row").
+TYPES: dict[str, type | tuple[type, ...]] = {"learner": dict, "optimizer": dict, "iteration": int, "rng": dict,
+                                             "config": dict, "meter": dict, "wall": (int, float), "info": dict,
+                                             "bad_in_row": int}
 _OS_FAULTS = (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR)  # not the file's contents
 
 
@@ -166,6 +171,11 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> d
     if CHECKSUM in state and checksum(state) != state[CHECKSUM]:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match its sha256 "
                               "checksum; restore it from a copy or start a new run")
+    wrong = [k for k, kind in TYPES.items() if k in state and (not isinstance(state[k], kind)
+                                                             or isinstance(state[k], bool))]
+    if wrong or state["iteration"] < 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is malformed ({', '.join(wrong) or 'iteration'} of the "
+                              "wrong type or value); restore it from a copy or start a new run")
     return state
 
 
@@ -178,9 +188,12 @@ def _cause(e: Exception) -> str:
     return text[:200] or type(e).__name__
 
 
-def find_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu"
+def find_latest(run_dir: str | Path, map_location: str | torch.device | None = "cpu",
+                accept: Callable[[Path, dict[str, Any]], None] | None = None
                 ) -> tuple[Path, dict[str, Any], list[CheckpointError]]:
-    """The newest usable checkpoint as ``(path, state, errors of the newer unusable ones)``.
+    """The newest usable checkpoint as ``(path, state, errors of the newer unusable ones)``; ``accept(path,
+    state)`` may raise CheckpointError to call a readable checkpoint unusable too (e.g. one that does not fit the
+    model).
 
     Raises:
         CheckpointError: there is no checkpoint, or none is usable (the newest one's problem is named).
@@ -194,7 +207,10 @@ def find_latest(run_dir: str | Path, map_location: str | torch.device | None = "
         errors.append(CheckpointError(f"{FILENAME} is missing"))
     for path in found:
         try:
-            return path, load(path, map_location), errors
+            state = load(path, map_location)
+            if accept is not None:
+                accept(path, state)
+            return path, state, errors
         except CheckpointError as e:
             errors.append(e)
     if len(errors) == 1:

@@ -344,9 +344,14 @@ def _report(args: argparse.Namespace) -> int:
     from .report import find_runs, write_report
 
     command = " ".join(["metagrad", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] else None
-    if not find_runs(args.runs):
+    runs = find_runs(args.runs)
+    if not runs:
         return _fail(f"no run directories (folders holding config.json) in {', '.join(args.runs)}: nothing to "
                      "report")
+    for folder in args.runs:   # every file the report reads, checked before its folder is made
+        R.read_manifest(folder)
+    for run in runs:
+        R.read_config(run), R.read_records(run), R.read_scores(run)
     path = write_report(args.runs, args.out, compute=not args.no_compute, command=command, family=args.family,
                         exclude=args.exclude)
     print(f"report: {path}")

@@ -26,10 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from .reading import FileFormatError, read_json, read_toml
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -51,7 +48,8 @@ SPLITS = ("train", "val", "test")
 def _f(default: Any, **limits: Any) -> Any:
     """A field with its limits beside it, read by :func:`validate`: ``choices`` (allowed values), ``min`` (ints
     and every element of a list of ints, at most 2³¹−1; a float is also finite), ``positive`` (finite and > 0),
-    ``max`` / ``below`` (inclusive / exclusive upper bound); ``why`` names what the value is in the message. A
+    ``max`` / ``below`` (inclusive / exclusive upper bound of a float), ``most`` (of an int), ``f32`` (finite
+    in float32: a step size); ``why`` names what the value is in the message. A
     list-typed field spells out ``field(default_factory=..., metadata={...})``."""
     return field(default=default, metadata=limits)
 
@@ -98,11 +96,11 @@ class MAMLConfig:
 class TrainConfig:
     iterations: int = _f(60000, min=1)  # meta-updates; Finn: 60k (images), 70k (sinusoid)
     meta_batch_size: int = _f(32, min=1)  # tasks per meta-update
-    meta_lr: float = _f(1e-3, positive=True)  # Adam step size on θ and the plug-ins' parameters
+    meta_lr: float = _f(1e-3, positive=True, f32=True)  # Adam step size on θ and the plug-ins' parameters
     meta_lr_schedule: str = _f("constant", choices=SCHEDULES)  # constant | cosine: anneal meta_lr to meta_lr_min
                                         # over `iterations` (MAML++'s cosine annealing, Antoniou et al. 2019) |
                                         # step: meta_lr, then meta_lr_min from iteration meta_lr_step_at · iterations on
-    meta_lr_min: float = _f(1e-5, min=0, why="the schedule's last step size")  # the cosine schedule's final step
+    meta_lr_min: float = _f(1e-5, min=0, f32=True, why="the schedule's last step size")  # the cosine schedule's final step
                                         # size (MAML++: 1e-5), the step schedule's second one; a negative one would
                                         # be gradient ascent
     meta_lr_step_at: float = _f(0.8, min=0, max=1, why="a fraction of train.iterations")  # step schedule: the
@@ -118,7 +116,7 @@ class TrainConfig:
     max_bad_steps: int = _f(5, min=1)   # meta-updates in a row with a non-finite loss or gradient (each skipped,
                                         # no update) before the run stops with an error
     device: str = "auto"                # cpu | cuda | cuda:N | auto (cuda when available)
-    threads: int | None = _f(None, min=1)  # torch CPU threads; small models run fastest on 1 (less sync overhead)
+    threads: int | None = _f(None, min=1, most=1024)  # torch CPU threads; small models run fastest on 1 (less sync overhead)
     time_budget_min: float | None = _f(None, positive=True)  # stop (checkpoint, then evaluate) once the run's wall
                                         # time reaches this many minutes, even before `iterations`; None: no budget
     precision: str = _f("fp32", choices=PRECISIONS)  # fp32 | bf16: autocast the meta-training matmuls/convs to
@@ -166,6 +164,7 @@ class Config:
 
 
 _INT_MAX = 2**31 - 1  # counts beyond this are typos; torch's sizes and seeds overflow past them
+_F32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -188,9 +187,9 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
     if key in _seen:
         raise ConfigError(f"preset {path.stem!r} extends itself through {' -> '.join(Path(s).stem for s in _seen)}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+        raw = read_toml(path)
+    except FileFormatError as e:
+        raise ConfigError(str(e)) from None
     if not raw:  # an empty file would silently run the defaults (60,000 iterations)
         raise ConfigError(f"{path}: the config file is empty; give it settings or 'extends = \"PRESET\"'")
     raw.setdefault("name", path.stem)
@@ -232,6 +231,8 @@ def resolve(preset: str | dict[str, Any], overrides: typing.Sequence[str] = ()) 
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested dicts (a preset or a saved ``config.json``), checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a table of sections, got {'null' if raw is None else type(raw).__name__}")
     cfg = Config()
     for key, value in raw.items():
         set_value(cfg, key, value)
@@ -279,8 +280,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` converted to type ``tp`` (str from the command line, or a TOML/JSON value), or ConfigError."""
     try:
         return _convert(value, tp)
+    except OverflowError:   # an integer too big for a float (400 digits)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got an integer of {len(str(value))} digits, too big "
+                          "for a number") from None
     except (TypeError, ValueError, KeyError):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r:.60}") from None
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -398,6 +402,12 @@ def validate(cfg: Config) -> None:
     for key, lim, v in found:
         if isinstance(v, float) and "min" in lim:
             _check_bounds(key, lim, v)
+    for key, lim, v in found:  # Adam applies the step size in float32: beyond its range, inf mid-update
+        if lim.get("f32") and v is not None and not abs(v) <= _F32_MAX:
+            raise ConfigError(f"{key}: must be at most {_F32_MAX:.4g} (a step size finite in float32), got {v}")
+    for key, lim, v in found:  # a count whose value is a resource (threads): beyond, the allocator fails
+        if "most" in lim and v is not None and v > lim["most"]:
+            raise ConfigError(f"{key}: must be <= {lim['most']}, got {v}")
     for key, lim, v in found:
         if "min" in lim and isinstance(v, list) and (not v or not all(lim["min"] <= n <= _INT_MAX for n in v)):
             raise ConfigError(f"{key}: expected a non-empty list of counts >= {lim['min']}, got {v}")
@@ -438,11 +448,16 @@ def dumps(cfg: Config) -> str:
 def load(path: str | Path) -> Config:
     """Read a saved ``config.json`` back into a checked Config."""
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        raw = read_json(path, dict)
+    except OSError as e:
         raise ConfigError(f"cannot read config {str(path)!r}: {e}") from e
-    cfg = from_dict(raw)
-    validate(cfg)
+    except FileFormatError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        cfg = from_dict(raw)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 

@@ -27,13 +27,13 @@ import errno
 import json
 import os
 import re
-import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from .config import Config, dumps, load
+from .reading import FileFormatError, check_regular, read_json, read_jsonl
 
 # ------------------------------------------------------------------------------------------------ file names
 CONFIG = "config.json"
@@ -171,24 +171,6 @@ def held_files(run_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if is_run_file(p.name))
 
 
-def check_regular(path: str | os.PathLike[str]) -> None:
-    """``path``, when anything is there, is a regular file (a symbolic link to one is too); else the OSError.
-
-    A FIFO would make a reader wait for ever, a directory or a device fail half-way through a run."""
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.lexists(path):
-            raise FileNotFoundError(errno.ENOENT, "a broken symbolic link, expected a file", str(path)) from None
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
-        raise OSError(errno.EINVAL, f"{kind}, expected a regular file", str(path))
-
-
 def check_files(folder: str | os.PathLike[str], names: tuple[str, ...] = ()) -> None:
     """Every run file in ``folder`` (see :func:`is_run_file`, and each of ``names``), and every place a run
     will write (``curves.png``, a future kept copy), is a regular file this process can read, or absent; else
@@ -228,16 +210,18 @@ def open_log(path: str | os.PathLike[str]) -> IO[str]:
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The parsed lines of a JSON-lines log (a torn or damaged line is skipped; empty when there is none)."""
-    path = Path(path)
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    """The records of a JSON-lines log (empty when there is none). A torn last line is skipped; a damaged one
+    (not an object with an integer ``iteration``) too, with one :class:`RunFileWarning` naming the file and
+    the lines."""
+    rows, damaged = read_jsonl(path)
+    if damaged:
+        warnings.warn(f"{path}: line {_where(damaged)} {'is' if len(damaged) == 1 else 'are'} not a record (an "
+                      "object with an integer iteration): skipped", RunFileWarning, stacklevel=2)
     return rows
+
+
+def _where(damaged: list[tuple[int, str]]) -> str:
+    return ", ".join(str(n) for n, _ in damaged[:10]) + (" …" if len(damaged) > 10 else "")
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -263,25 +247,16 @@ def truncate_log(path: str | os.PathLike[str], iteration: int) -> None:
     ``<name>.damaged`` with a :class:`RunFileWarning`: its values cannot be logged again, but are not lost silently.
     """
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     with naming(path):
-        text = path.read_text(errors="replace")
-    lines = text.splitlines()
-    keep, damaged = [], []
-    for n, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-            if n < len(lines) or text.endswith("\n"):  # not a torn last write: damage
-                damaged.append((n, line))
+        rows, damaged = read_jsonl(path)
+    keep = [json.dumps(r) for r in rows if r["iteration"] <= iteration]
     if damaged:
         aside = path.with_name(f"{path.name}.damaged")
         old = aside.read_text() if aside.is_file() else ""
         write_atomic(aside, old + "".join(f"{line}\n" for _, line in damaged))
-        where = ", ".join(str(n) for n, _ in damaged[:10]) + (" …" if len(damaged) > 10 else "")
-        warnings.warn(f"{path.name} line {where} {'is' if len(damaged) == 1 else 'are'} damaged (not a metrics "
+        warnings.warn(f"{path.name} line {_where(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (not a metrics "
                       f"record): set aside in {aside.name}; those iterations' logged values are lost, the training "
                       "itself is not", RunFileWarning, stacklevel=2)
     write_atomic(path, "".join(f"{line}\n" for line in keep))
@@ -322,12 +297,9 @@ def check_records(path: str | os.PathLike[str], records: object) -> list[dict]:
 def read_records(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a run's ``eval.json`` (empty when there is none)."""
     path = Path(run_dir) / EVAL
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a fresh one") from e
+    records = read_json(path, list, "move it away to start a fresh one")
     return check_records(path, records)  # a list of records with typed fields, or one line naming the file
 
 
@@ -341,14 +313,14 @@ def scores_key(record: dict[str, Any]) -> str:
 def read_scores(run_dir: str | os.PathLike[str]) -> dict[str, list[float]]:
     """The per-task scores of a run (``scores.json``: scores key → values; empty when there is none)."""
     path = Path(run_dir) / SCORES
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        scores = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); move it away and re-run `metagrad eval`") from e
-    if not isinstance(scores, dict) or not all(isinstance(v, list) for v in scores.values()):
-        raise ValueError(f"{path} must map score keys to lists of per-task values")
+    fix = "move it away and re-run `metagrad eval`"
+    scores = read_json(path, dict, fix)
+    for key, values in scores.items():
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise FileFormatError(f"{path}: {key!r} must be a list of per-task numbers, got {values!r:.40}; {fix}")
     return scores
 
 
@@ -380,7 +352,7 @@ def append_records(run_dir: str | os.PathLike[str], records: Sequence[dict[str, 
 def read_diagnostics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The run's ``diagnostics.json``, or None when it is missing or unreadable (it can be computed again)."""
     try:
-        return json.loads((Path(run_dir) / DIAGNOSTICS).read_text())
+        return read_json(Path(run_dir) / DIAGNOSTICS, dict)
     except (OSError, ValueError):
         return None
 
@@ -407,10 +379,13 @@ def cell_dir(out_dir: str | os.PathLike[str], preset: str, label: str, seed: int
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """A study folder's ``study.json`` (None when the folder holds none)."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    with naming(path):
-        return json.loads(path.read_text())
+    manifest = read_json(path, dict, "move it away (the study writes a new one)")
+    if not isinstance(manifest.get("cells", []), list) or not all(isinstance(c, dict) for c in manifest.get("cells", [])):
+        raise FileFormatError(f"{path}: 'cells' must be a list of cell records; move it away (the study writes a "
+                              "new one)")
+    return manifest
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:

@@ -56,13 +56,9 @@ from typing import Any
 
 from . import config as C
 from .keep import cell_key, keep_run, merge_manifest
-from .rundir import MANIFEST, cell_dir, held_files, method_label
+from .reading import FileFormatError, read_toml
+from .rundir import MANIFEST, cell_dir, held_files, method_label, read_manifest
 from .runlock import locked
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 STUDY_DIR = C.PRESET_DIR / "studies"
 _KEYS = ("description", "presets", "methods", "seeds", "set", "preset_set", "method_set", "cross_domain", "folds")
@@ -123,21 +119,84 @@ def load_study(name_or_path: str) -> Study:
     if not path.is_file():
         raise C.ConfigError(f"study file {str(path)!r} does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise C.ConfigError(f"{path}: not valid TOML ({e})") from e
+        raw = read_toml(path)
+    except FileFormatError as e:
+        raise C.ConfigError(str(e)) from None
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise C.ConfigError(f"{path}: unknown study keys {', '.join(unknown)} (known: {', '.join(_KEYS)})")
-    for key in ("presets", "methods"):
-        if not raw.get(key) or not all(isinstance(v, str) for v in raw[key]):
-            raise C.ConfigError(f"{path}: {key!r} must be a non-empty list of names")
+    _check_types(path, raw)
     study = Study(name=path.stem, **raw)
-    if study.seeds < 1:
-        raise C.ConfigError(f"{path}: seeds must be >= 1, got {study.seeds}")
-    bad = {k: v for k, v in study.folds.items() if k not in study.presets or not isinstance(v, int) or v < 1}
+    check_study(study, where=str(path))
+    return study
+
+
+# What each key of a study file holds: a check and its words (a string is not a list of names, nor 1.5 a count).
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _table(check: Any) -> Any:
+    return lambda v: isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items())
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_TYPES: dict[str, tuple[Any, str]] = {
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "presets": (lambda v: _names(v) and bool(v), "a non-empty list of preset names, e.g. [\"sinusoid-5shot\"]"),
+    "methods": (lambda v: _names(v) and bool(v), "a non-empty list of method names, e.g. [\"maml\", \"cml\"]"),
+    "seeds": (_count, "a whole number of seeds, e.g. 3"),
+    "set": (_names, "a list of \"key=value\" strings"),
+    "preset_set": (_table(_names), "a table: preset name = a list of \"key=value\" strings"),
+    "method_set": (_table(_names), "a table: method name = a list of \"key=value\" strings"),
+    "cross_domain": (_table(_names), "a table: preset name = a list of benchmark names"),
+    "folds": (_table(_count), "a table: preset name = a number of folds"),
+}
+MAX_SEEDS = 1000      # seeds per cell; beyond, a typo that would queue cells for ever
+MAX_FOLDS = 100
+MAX_CELLS = 100_000
+
+
+def _check_types(path: Path, raw: dict[str, Any]) -> None:
+    for key, value in raw.items():
+        ok, what = _TYPES[key]
+        if not ok(value):
+            raise C.ConfigError(f"{path}: {key} must be {what}, got {value!r:.60}")
+
+
+def check_study(study: Study, seeds: int | None = None, where: str | None = None) -> None:
+    """Everything about a study that needs no cell built: seeds and folds within bounds, folds and per-preset
+    tables naming presets of the study, every method made of registered plug-ins, the grid not absurdly large.
+
+    Raises:
+        ConfigError: one line naming the study file (``where``) and the key.
+    """
+    from . import methods as M
+
+    where = where or study.name
+    n = study.seeds if seeds is None else seeds
+    if not 1 <= n <= MAX_SEEDS:
+        raise C.ConfigError(f"{where}: seeds must be in 1..{MAX_SEEDS}, got {n}")
+    bad = {k: v for k, v in study.folds.items() if k not in study.presets or not 1 <= v <= MAX_FOLDS}
     if bad:
-        raise C.ConfigError(f"{path}: folds must map presets of the study to a number >= 1, got {bad}")
+        raise C.ConfigError(f"{where}: folds must map presets of the study to a number in 1..{MAX_FOLDS}, got {bad}")
+    for key in ("preset_set", "cross_domain"):
+        stray = sorted(set(getattr(study, key)) - set(study.presets))
+        if stray:
+            raise C.ConfigError(f"{where}: {key} names {', '.join(stray)}, not presets of the study "
+                                f"({', '.join(study.presets)})")
+    known = M.available()
+    for method in study.methods:
+        unknown = [k for k in method_plugins(method) if k not in known]
+        if unknown:
+            raise C.ConfigError(f"{where}: method {method!r}: unknown plug-in {', '.join(map(repr, unknown))} "
+                                f"(known: maml, {', '.join(known)}; join several with +)")
+    total = sum(study.folds.get(p, 1) for p in study.presets) * len(study.methods) * n
+    if total > MAX_CELLS:
+        raise C.ConfigError(f"{where}: the grid has {total} cells, more than {MAX_CELLS}: fewer seeds or methods")
     return study
 
 
@@ -311,11 +370,15 @@ def run_study(study: Study | str, out_dir: str | Path | None = None, seeds: int 
         only: run only these cells (``METHOD`` or ``METHOD:SEED``); the other cells' records stay.
     """
     study = load_study(study) if isinstance(study, str) else study
+    check_study(study, seeds)                                    # the whole study, before any cell trains
     out = Path(out_dir or f"runs/study-{study.name}")
     full = cells(study, out, seeds)
     grid = select(full, only) if only else full
     order = [cell_key(asdict(c)) for c in full]
     configs = [cell_config(study, c, overrides) for c in grid]  # all checked before any run starts
+    for folder in (out, keep):
+        if folder is not None:
+            read_manifest(folder)                                # a damaged study.json fails now, naming it
     out.mkdir(parents=True, exist_ok=True)
     header: dict[str, Any] = {"study": asdict(study), "seeds": seeds or study.seeds, "overrides": list(overrides),
                               "command": command or " ".join(sys.argv)}
@@ -385,5 +448,6 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-__all__ = ["MANIFEST", "Cell", "Study", "StudyResult", "cell_config", "cells", "check_cell", "load_study",
+__all__ = ["MANIFEST", "MAX_SEEDS", "Cell", "Study", "StudyResult", "cell_config", "cells", "check_cell",
+           "check_study", "load_study",
            "method_label", "method_plugins", "run_cell", "run_study", "select", "studies"]

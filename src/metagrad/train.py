@@ -247,6 +247,14 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
     if error is not None:
         raise error
     s = build(cfg, device, dctx)
+    if dctx.is_main and state is not None:   # a readable checkpoint that does not fit the model: an older one
+        try:
+            state = _fitting(run_dir, s.learner, state)
+        except (ValueError, OSError) as e:
+            error = e
+    state, error = D.broadcast((state, error), dctx)
+    if error is not None:
+        raise error
     # Everything is built and checked: only now touch the disk (rank 0 only).
     if state is None:
         if dctx.is_main:
@@ -258,7 +266,8 @@ def _session(cfg: C.Config, run_dir: Path, resume: bool, device: torch.device,
     else:
         s.learner.load_state_dict(state["learner"])
         s.opt.load_state_dict(state["optimizer"])
-        s.meter.load_state_dict(state["meter"], device)
+        if "meter" in state:   # older checkpoints have none: the first window's averages start afresh
+            s.meter.load_state_dict(state["meter"], device)
         s.start, s.wall = int(state["iteration"]), float(state.get("wall", 0.0))
         s.bad_in_row, s.saved = int(state.get("bad_in_row", 0)), s.start
         ckpt.set_rng_state(state["rng"])
@@ -282,11 +291,14 @@ def build(cfg: C.Config, device: torch.device, dctx: D.Context | None = None) ->
     t, e = cfg.train, cfg.eval
     seed_everything(t.seed)
     eval_batch = e.meta_batch_size or t.meta_batch_size
-    bench = make_benchmark(cfg, "train", t.seed, t.meta_batch_size)
-    val_bench = make_benchmark(cfg, "val", e.seed, eval_batch) if t.val_every else None
-    learner = make_learner(cfg, bench).to(device)
+    with _allocating(cfg, "the model"):
+        bench = make_benchmark(cfg, "train", t.seed, t.meta_batch_size)
+        val_bench = make_benchmark(cfg, "val", e.seed, eval_batch) if t.val_every else None
+        learner = make_learner(cfg, bench).to(device)
     rng = ckpt.rng_state()  # built out of the old order: it must not move the initialisation or the trajectory
-    test_bench = make_benchmark(cfg, e.split, e.seed, eval_batch)
+    with _allocating(cfg, "the evaluation split"):
+        test_bench = make_benchmark(cfg, e.split, e.seed, eval_batch)
+    _probe(cfg, learner, bench, test_bench, device)
     ckpt.set_rng_state(rng)
     s = _Session(bench, val_bench, learner, torch.optim.Adam(learner.parameters(), lr=t.meta_lr), Meter(),
                  info={"benchmark": bench.name, "x_shape": list(bench.x_shape), "out_dim": bench.out_dim,
@@ -297,6 +309,42 @@ def build(cfg: C.Config, device: torch.device, dctx: D.Context | None = None) ->
     if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise C.ConfigError("train.precision=bf16 needs a GPU with bfloat16 support (Ampere or newer): use fp32")
     return s
+
+
+@contextlib.contextmanager
+def _allocating(cfg: C.Config, what: str):
+    """Turn a failure to allocate or place tensors (sizes below 2³¹ that do not fit in memory, a device that
+    cannot run a step) into one ConfigError, before the run directory is touched."""
+    try:
+        yield
+    except (RuntimeError, MemoryError, NotImplementedError, OverflowError) as e:
+        if isinstance(e, D.DistributedError):
+            raise
+        cause = " ".join(str(e).split())[:160] or type(e).__name__
+        raise C.ConfigError(f"cannot build {what} with this config on train.device={cfg.train.device} ({cause}): "
+                            "lower the sizes (model.hidden, model.width, benchmark.shots/queries, "
+                            "train.meta_batch_size, eval.meta_batch_size, plug-in sizes) or use another device"
+                            ) from None
+
+
+def _probe(cfg: C.Config, learner: MAML, bench: Benchmark, test_bench: Benchmark, device: torch.device) -> None:
+    """One meta-gradient on the first training meta-batch and the first evaluation batch built, on ``device``,
+    gradients then cleared and every RNG put back: what the run will allocate and compute, checked before
+    anything is written (``--dry-run`` does it too)."""
+    rng, state = ckpt.rng_state(), {k: v.clone() for k, v in learner.state_dict().items()}  # buffers (batch norm)
+    try:
+        with _allocating(cfg, "a meta-batch"):
+            batch = bench.batch(0).to(device)
+            with autocast(device, cfg.train.precision):
+                out = meta_backward(learner, batch, first_order=True)
+            float(out.loss.detach().float().sum().cpu())   # a device that cannot compute fails here
+        with _allocating(cfg, "an evaluation batch"):
+            next(iter(test_bench.tasks(1))).to(device)
+    finally:
+        learner.zero_grad(set_to_none=True)
+        learner.load_state_dict(state)
+        learner.set_iteration(0)
+        ckpt.set_rng_state(rng)
 
 
 def meta_lr(t: C.TrainConfig, it: int) -> float:
@@ -539,6 +587,28 @@ def _open_run(run_dir: Path, cfg: C.Config, resume: bool) -> dict[str, Any] | No
         raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({', '.join(changed)} differ); "
                        f"only {', '.join(RESUMABLE)} and eval.* may change")
     return state
+
+
+def _fitting(run_dir: Path, learner: MAML, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` when its learner fits ``learner``; else the newest older checkpoint that does (with a warning and
+    the same repair as for a corrupt one), or CheckpointError."""
+    def fits(path: Path, st: dict[str, Any]) -> None:
+        try:
+            learner.load_state_dict(st["learner"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit the model of this config "
+                                       f"({' '.join(str(e).split())[:120]})") from None
+
+    try:
+        fits(Path(run_dir), state)
+        return state
+    except ckpt.CheckpointError:
+        pass
+    path, found_state, errors = ckpt.find_latest(run_dir, accept=fits)
+    warnings.warn(ckpt.fallback_message(path, found_state, errors), ckpt.CheckpointWarning, stacklevel=2)
+    found = ckpt.candidates(run_dir)
+    found_state["_fallback"] = (path, found[:found.index(path)])
+    return found_state
 
 
 def _same_run(run_dir: Path, cfg: C.Config) -> None:
