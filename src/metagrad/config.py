@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .reading import FileFormatError, read_json, read_toml
+from .reading import FileFormatError, check_value, read_json, read_toml
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -283,7 +283,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     except OverflowError:   # an integer too big for a float (400 digits)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got an integer of {len(str(value))} digits, too big "
                           "for a number") from None
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, RecursionError):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r:.60}") from None
 
 
@@ -334,8 +334,8 @@ def _literal(text: str) -> Any:
             pass
     if text[:1] in "[{":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+            return check_value("--set", json.loads(text))
+        except (ValueError, RecursionError):   # not JSON, or nested too deeply: the text itself
             pass
     return text
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .reading import read_jsonl
 from .rundir import CONFIG, EVAL, METRICS, SCORES, read_manifest, write_atomic, write_manifest
 
 KEEP = (CONFIG, EVAL, SCORES)
@@ -37,13 +38,8 @@ def keep_run(run_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> b
     for name in KEEP:
         if (src / name).is_file():
             write_atomic(out / name, (src / name).read_bytes())
-    lines = []
-    for line in (src / METRICS).read_text().splitlines() if (src / METRICS).is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: the curve keeps every whole one
-            continue
-        lines.append(json.dumps({k: row[k] for k in CURVE_KEYS if k in row}))
+    rows, _ = read_jsonl(src / METRICS)   # a line cut by a kill, or damaged: the curve keeps every whole record
+    lines = [json.dumps({k: row[k] for k in CURVE_KEYS if k in row}) for row in rows]
     write_atomic(out / METRICS, "".join(f"{x}\n" for x in lines))
     return True
 
