@@ -260,7 +260,7 @@ def test_a_fifo_run_file_is_refused_not_waited_on(name, command, done, tmp_path,
     os.mkfifo(run / name)
     argv = (["eval", str(run), "--tasks", "2"] if command == "eval" else
             ["train", "--resume", "--out-dir", str(run), "--no-progress", *sets("train.iterations=6")])
-    with deadline(30):
+    with deadline(10):
         assert main(argv) == 2
     one_line_error(capsys, name, "FIFO")
 

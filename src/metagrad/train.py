@@ -343,7 +343,6 @@ def _probe(cfg: C.Config, learner: MAML, bench: Benchmark, test_bench: Benchmark
     finally:
         learner.zero_grad(set_to_none=True)
         learner.load_state_dict(state)
-        learner.set_iteration(0)
         ckpt.set_rng_state(rng)
 
 
