@@ -7,7 +7,12 @@ and is changed or gone after. Config cases draw 1-3 overrides from the config sc
 nan, inf, huge, of the wrong type or empty, and check them with ``train --dry-run`` in this process; the first
 accepted cases that are cheap are also trained for real. File cases damage one run file of a finished run
 (truncate, flip bytes, empty, random bytes, replace with a directory) and run ``eval``, ``train --resume``
-(with and without ``--dry-run``) or ``report`` on it. ``METAGRAD_FUZZ_SEED`` picks another seed.
+(with and without ``--dry-run``) or ``report`` on it. Structure cases (issue 40) put a FIFO, a directory, a
+symbolic link (to a directory, dangling, a loop), JSON nested 100,000 deep, a 400-digit integer, a wrong
+top-level type, bytes that are not UTF-8 or log lines that are not records where a run file or output goes,
+then run the same commands or a new run there (never allowed to start over another run, nor to hang). Study
+cases write study TOMLs with hostile values of every key and run ``metagrad study`` on them: refused in one line
+with nothing written, or run. ``METAGRAD_FUZZ_SEED`` picks another seed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from metagrad.cli import main
 from metagrad.train import train
 
 SEED = int(os.environ.get("METAGRAD_FUZZ_SEED", "0"))
-CONFIG_CASES, REAL_RUNS, FILE_CASES = 220, 8, 60
+CONFIG_CASES, REAL_RUNS, FILE_CASES, STRUCTURE_CASES, STUDY_CASES = 220, 8, 60, 40, 30
 SMALL = ["train.iterations=4", "train.meta_batch_size=2", "train.log_every=2", "train.val_every=0",
          "train.checkpoint_every=2", "eval.tasks=4", "train.threads=1", "train.val_tasks=2"]
 HOSTILE = ["-1", "0", "1", "2", "3", "-0.5", "0.5", "nan", "-nan", "inf", "-inf", "1e300", "-1e300", "1e-320",
@@ -179,13 +184,148 @@ def _file_cases(tmp: Path, capsys, rng: random.Random, failures: list[str]) -> d
     return tally
 
 
+# ------------------------------------------------------------------------------------------ structure (issue 40)
+STRUCTURE_FILES = ["config.json", "eval.json", "scores.json", "metrics.jsonl", "faults.jsonl", "checkpoint.pt",
+                   "checkpoint-00000004.pt", "curves.png", "diagnostics.json"]
+STRUCTURES = ["fifo", "directory", "link to a directory", "dangling link", "link loop", "deep nesting",
+              "huge integer", "top-level []", "top-level null", "top-level 5", "top-level string", "not UTF-8",
+              "non-record lines"]
+
+
+class _Hung(BaseException):
+    """A case still running after its deadline (a FIFO waited on): a finding, never taken by ``except``."""
+
+
+def _deadline(seconds: int):
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def ctx():
+        def expire(signum, frame):
+            raise _Hung(f"still running after {seconds} s")
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return ctx()
+
+
+def _restructure(path: Path, how: str) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    deep = 100_000
+    blob = {"fifo": None, "directory": None, "deep nesting": ("[" * deep + "]" * deep).encode(),
+            "huge integer": b'{"iteration": 1' + b"0" * 400 + b', "mean": 1}',
+            "top-level []": b"[]", "top-level null": b"null", "top-level 5": b"5", "top-level string": b'"x"',
+            "not UTF-8": b"\xff\xfe{}", "non-record lines": b'[1, 2]\n5\n{"iteration": "four"}\n'}.get(how)
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "directory":
+        path.mkdir()
+    elif how == "link to a directory":
+        path.symlink_to(path.parent)
+    elif how == "dangling link":
+        path.symlink_to(path.parent / "nowhere")
+    elif how == "link loop":
+        path.symlink_to(path.name)
+    else:
+        path.write_bytes(blob)
+
+
+def _structure_cases(tmp: Path, capsys, rng: random.Random, failures: list[str]) -> dict[str, int]:
+    ref = tmp / "sref"
+    train(C.resolve("sinusoid-10shot", SMALL), ref, progress=False, plot=False)
+    tally = {"ok": 0, "refused": 0}
+    for i in range(STRUCTURE_CASES):
+        run = Path(shutil.copytree(ref, tmp / f"s{i}", symlinks=True))
+        name, how = rng.choice(STRUCTURE_FILES), rng.choice(STRUCTURES)
+        _restructure(run / name, how)
+        before = _usable_checkpoints(run)
+        command = rng.choice(["eval", "resume-dry", "resume", "report", "new"])
+        argv = {"eval": ["eval", str(run), "--tasks", "2"],
+                "resume-dry": ["train", "--resume", "--out-dir", str(run), "--no-progress", "--dry-run"],
+                "resume": ["train", "--resume", "--out-dir", str(run), "--no-progress"],
+                "report": ["report", str(run), "--no-compute", "--out", str(tmp / f"srep{i}")],
+                "new": ["train", "--config", "sinusoid-10shot", "--out-dir", str(run), "--no-progress",
+                        *[a for s in SMALL for a in ("--set", s)]]}[command]
+        try:
+            with _deadline(60):
+                code, err = _call(argv, capsys)
+        except _Hung as e:
+            code, err = f"hung: {e}", capsys.readouterr().err
+        what = f"structure case {i} ({name} {how}, {command})"
+        bad = _verdict(code, err)
+        if bad is None and code == 0 and command in ("eval", "resume") and not _finite_scores(run):
+            bad = "exit 0 with a non-finite score"
+        if bad is None and command == "new" and code == 0:
+            bad = "a new run started over another run"
+        after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.candidates(run)}
+        if bad is None and any(after.get(k) != v for k, v in before.items()):
+            bad = "a usable checkpoint was changed or lost"
+        if bad is None and list(run.glob(".*tmp*")):
+            bad = "a temporary file was left behind"
+        if bad:
+            failures.append(f"{what}: {bad}: {err.strip()[-300:]}")
+        else:
+            tally["ok" if code == 0 else "refused"] += 1
+    return tally
+
+
+# ------------------------------------------------------------------------------------------ study files (issue 40)
+STUDY_VALUES = {
+    "seeds": ["1", "0", "-1", "1.5", '"1"', "true", "[1]", "1" + "0" * 400, "1001", "100000000", "{}"],
+    "presets": ['["sinusoid-10shot"]', '"sinusoid-10shot"', "[]", "[1]", '["nope"]', "5", '[["x"]]'],
+    "methods": ['["maml"]', '"maml"', '["mmal"]', '["maml+cml"]', "[]", '["maml", 5]', '["+"]'],
+    "folds": ['{"sinusoid-10shot" = 1}', "5", '{"nope" = 2}', '{"sinusoid-10shot" = 0}',
+              '{"sinusoid-10shot" = "2"}', '{"sinusoid-10shot" = 1000}'],
+    "preset_set": ['["x"]', '{"sinusoid-10shot" = "x"}', '{"nope" = []}', '{"sinusoid-10shot" = [5]}'],
+    "cross_domain": ['{"sinusoid-10shot" = ["harmonic"]}', '{"sinusoid-10shot" = "harmonic"}', "[]"],
+    "set": ['["train.iterations=x"]', '"x"', "[5]", '["nope=1"]'],
+    "description": ["5", '"ok"', "[]"],
+    "bogus": ["1"],
+}
+STUDY_SETS = ["train.iterations=2", "train.meta_batch_size=2", "train.val_every=0", "eval.tasks=2",
+              "train.threads=1", "train.log_every=1", "train.checkpoint_every=1"]
+
+
+def _study_cases(tmp: Path, capsys, rng: random.Random, failures: list[str]) -> dict[str, int]:
+    tally = {"ok": 0, "refused": 0}
+    for i in range(STUDY_CASES):
+        body = {"presets": '["sinusoid-10shot"]', "methods": '["maml"]', "seeds": "1"}
+        for key in rng.sample(sorted(STUDY_VALUES), rng.choice([1, 1, 2])):
+            body[key] = rng.choice(STUDY_VALUES[key])
+        path = tmp / f"study{i}.toml"
+        path.write_text("".join(f"{k} = {v}\n" for k, v in body.items() if k not in ("folds", "preset_set",
+                                                                                       "cross_domain"))
+                        + "".join(f"{k} = {v}\n" for k, v in body.items() if k in ("folds", "preset_set",
+                                                                                     "cross_domain")))
+        out = tmp / f"sout{i}"
+        code, err = _call(["study", str(path), "--out", str(out), "--no-report",
+                           *[a for s in STUDY_SETS for a in ("--set", s)]], capsys)
+        bad = _verdict(code, err) if code != 1 else None   # 1: the study ran and a cell failed (recorded)
+        if bad is None and code == 2 and out.exists():
+            bad = "refused after writing"
+        if bad:
+            failures.append(f"study case {i} {body}: {bad}: {err.strip()[-300:]}")
+        else:
+            tally["ok" if code in (0, 1) else "refused"] += 1
+    return tally
+
+
 def test_fuzz_hostile_overrides_and_damaged_run_files(tmp_path, capsys):
     rng = random.Random(SEED)
     failures: list[str] = []
     configs = _config_cases(tmp_path, capsys, rng, failures)
     files = _file_cases(tmp_path, capsys, rng, failures)
-    total = CONFIG_CASES + FILE_CASES
-    summary = {"seed": SEED, "cases": total, "config": configs, "files": files, "failures": len(failures)}
+    structure = _structure_cases(tmp_path, capsys, rng, failures)
+    studies = _study_cases(tmp_path, capsys, rng, failures)
+    total = CONFIG_CASES + FILE_CASES + STRUCTURE_CASES + STUDY_CASES
+    summary = {"seed": SEED, "cases": total, "config": configs, "files": files, "structure": structure,
+               "studies": studies, "failures": len(failures)}
     with capsys.disabled():
         print(f"\nfuzz: {json.dumps(summary)}")
     assert configs["trained"] >= 3 and files["ok"] >= 10, f"fuzz seed {SEED}: too few cases got past validation"

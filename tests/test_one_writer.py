@@ -335,3 +335,12 @@ def test_ctrl_c_during_eval_does_not_advise_resume(done, tmp_path, capsys, monke
     assert main(["eval", str(run), "--tasks", "2"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" not in err
+
+
+def test_the_sibling_lock_of_the_study_scripts_does_not_collide(tmp_path):
+    """benchmarks/issue21_cells.py holds ``<run dir>.lock`` (beside the run) while a child trains the cell there."""
+    run = tmp_path / "cell"
+    with open(f"{run}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(argv_train(run)) == 0
+        assert main(["eval", str(run), "--tasks", "2"]) == 0
