@@ -236,6 +236,8 @@ def test_other_bad_arguments() -> None:
     one_line("the val split has no classes", data.from_tensors, x, y, "val", **kw(classes=(0.8, 0.0, 0.2)))
     one_line("not an \\(x, label\\) pair", data.from_dataset, [torch.zeros(2)] * 4, "train", labels=[0, 0, 1, 1],
              **kw(classes=(1.0, 0.0, 0.0), ways=2, shots=1, queries=1))
+    one_line("not an \\(x, label\\) pair", data.from_dataset, [torch.zeros(2)] * 4, "train",  # in the indexing pass
+             **kw(classes=(1.0, 0.0, 0.0), ways=2, shots=1, queries=1))
 
 
 def test_public_surface_is_deliberate() -> None:

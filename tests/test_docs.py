@@ -1,9 +1,9 @@
 """Every code block of the user guides runs: docs/own-data.md and docs/own-model.md (a missing guide is skipped).
 
 The blocks of one guide run in order, in one temporary folder (a later block may use files an earlier one
-wrote, as a reader following the page would): ```python blocks each in a fresh namespace, and the ``metagrad``
-command lines of ```bash blocks through :func:`metagrad.cli.main`. Training command lines get ``CI_SETTINGS``
-appended so that they take a few steps; other shell commands (``pip install ...``) are not run.
+wrote, as a reader following the page would; that folder is on ``sys.path``): ```python blocks each in a fresh
+namespace, and the ``metagrad`` command lines of ```bash blocks through :func:`metagrad.cli.main`. Command lines
+get ``CI_SETTINGS`` appended so that they take a few steps; other shell commands (``pip install ...``) are not run.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def test_every_code_block_runs(guide: str, tmp_path: Path, monkeypatch: pytest.M
     if not path.is_file():
         pytest.skip(f"docs/{guide} is not written yet")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python block.py` run there: modules a block writes import
     monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
     ran = 0

@@ -146,6 +146,23 @@ class _TensorReader:
         return self.x[positions.to(self.x.device)]
 
 
+def _read_item(dataset: Any, i: int) -> tuple[torch.Tensor, Any]:
+    """``dataset[i]`` as (input tensor, integer label), or a one-line DataError naming the fix."""
+    item = dataset[i]
+    if not isinstance(item, Sequence) or len(item) < 2:
+        raise DataError(f"dataset[{i}] is a {type(item).__name__}, not an (x, label) pair: wrap the dataset so "
+                        "its items are (x, label)")
+    try:
+        x = torch.as_tensor(item[0])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"dataset[{i}][0] is a {type(item[0]).__name__}, not an array: convert it in the "
+                        "dataset (e.g. a ToTensor transform)") from e
+    if not _is_int(item[1]):
+        raise DataError(f"dataset[{i}] has label {item[1]!r}, not an integer class label: make the dataset return "
+                        "integer class labels (map names to ints)")
+    return x, item[1]
+
+
 class _DatasetReader:
     """Reads ``dataset[i]`` for the positions asked (each once per call) and checks every item on the way."""
 
@@ -158,19 +175,7 @@ class _DatasetReader:
         return self.x_shape
 
     def _item(self, i: int) -> torch.Tensor:
-        item = self.dataset[i]
-        if not isinstance(item, Sequence) or len(item) < 2:
-            raise DataError(f"dataset[{i}] is a {type(item).__name__}, not an (x, label) pair: wrap the dataset so "
-                            "its items are (x, label)")
-        try:
-            x = torch.as_tensor(item[0])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise DataError(f"dataset[{i}][0] is a {type(item[0]).__name__}, not an array: convert it in the "
-                            "dataset (e.g. a ToTensor transform)") from e
-        label = item[1]
-        if not _is_int(label):
-            raise DataError(f"dataset[{i}] has label {label!r}, not an integer: make the dataset return integer "
-                            "class labels")
+        x, label = _read_item(self.dataset, i)
         if int(label) != int(self.labels[i]):
             raise DataError(f"dataset[{i}] has label {int(label)} but labels[{i}] is {int(self.labels[i])}: pass "
                             "labels= in the dataset's order, or leave it out")
@@ -265,7 +270,7 @@ def from_dataset(dataset: Any, split: str, *, labels: Any = None, classes: Class
     if n == 0:
         raise DataError("the dataset is empty: give it (x, label) items")
     if labels is None:
-        labels = [dataset[i][1] for i in range(n)]
+        labels = [_read_item(dataset, i)[1] for i in range(n)]  # the indexing pass: labels= skips it
     labels_t = _as_labels(labels, "labels")
     if len(labels_t) != n:
         raise DataError(f"labels has {len(labels_t)} entries but the dataset has {n} items: give one label per item")
