@@ -78,13 +78,17 @@ CASES = {
                                    "plugin_args.trlearner.group_size=3", "plugin_args.cxgrad.context_dim=8"]),
     # TRLearner with pairs: its heads get no gradient in one process (grad None), nor here
     "trlearner-pairs": (SIN, ["plugins=trlearner", "train.meta_batch_size=6", "plugin_args.trlearner.group_size=2"]),
+    # the other hosts: ProtoNet with TRLearner's groups; T-Net's transforms with BOIL's frozen head
+    "protonet+trlearner": (IMG, ["learner=protonet", "plugins=trlearner", "train.meta_batch_size=9",
+                                 "plugin_args.trlearner.group_size=3"]),
+    "tnet+boil": (IMG, ["model.wrap=tnet", "maml.adapt=body"]),
 }
 RESUME = "cml"   # resumed with 2 ranks from 1, and with 1 from 2
 # CxGrad's generator gets gradients at float32 noise level (the scale invariance the spec describes nearly
 # cancels its path), and Adam divides by their size: any change of summation order, e.g. two half-batches,
 # moves it by 1e-6..2e-5 after 3 steps (seen up to 1.3e-5 on a loaded machine). These cases are also run in
 # float64, where the 1e-6 check on every parameter is meaningful.
-FP64 = ("maml", "cxgrad", "trlearner", "cxgrad+trlearner+cml")
+FP64 = ("maml", "cxgrad", "trlearner", "cxgrad+trlearner+cml", "protonet+trlearner", "tnet+boil")
 NOISY = "generator."   # parameters held to FP32_NOISY_ATOL in the float32 runs
 FP32_NOISY_ATOL = 1e-4
 # TRLearner alone in float32: its relation term gives some conv-weight entries a gradient that is float32 noise
@@ -92,8 +96,9 @@ FP32_NOISY_ATOL = 1e-4
 # orders of one process and two ranks part by up to 2·meta_lr after 3 steps (1.7e-3 measured on this machine's
 # BLAS, 0 on another); its float32 gradient already differs by 4e-5 relative at the first step (the term is a
 # difference of near-equal model outputs). In float64 the two runs agree to 4e-16 (test below): the float32 run
-# checks the first step's loss, and its gradient norm to 1e-3.
-FP32_AMPLIFIED = ("trlearner",)
+# checks the first step's loss, and its gradient norm to 1e-3. TRLearner on ProtoNet (1.5e-3) and T-Net with BOIL
+# (9e-5) part the same way in float32 and agree in float64.
+FP32_AMPLIFIED = ("trlearner", "protonet+trlearner", "tnet+boil")
 
 
 def config(case: str, *extra: str) -> C.Config:

@@ -5,7 +5,7 @@
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
                    [--dry-run]
     metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
-    metagrad list  [methods|benchmarks|presets]
+    metagrad list  [learners|methods|models|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
                    [--keep results/NAME] [--only METHOD[:SEED] ...]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR] [--family PREREGISTRATION.md] [--exclude BENCHMARK]
@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ways of the evaluated episodes (default: the benchmark's own, e.g. 20 for omniglot-lake20, "
                         "else training's); a classifier's head rows start as the mean of the trained ones")
 
-    ls = sub.add_parser("list", help="list registered methods, benchmarks or presets")
-    ls.add_argument("what", nargs="?", choices=("methods", "benchmarks", "presets"), default=None)
+    ls = sub.add_parser("list", help="list learners (with the plug-ins each supports), methods, models, benchmarks "
+                                     "or presets")
+    ls.add_argument("what", nargs="?", choices=("learners", "methods", "models", "benchmarks", "presets"),
+                    default=None)
     st = sub.add_parser("study", help="run a study's grid (presets × methods × seeds; resumable), then report")
     st.add_argument("name", metavar="NAME_OR_TOML", help="a study (metagrad/configs/studies/) or a .toml path")
     st.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's)")
@@ -311,9 +313,16 @@ def _check_eval_dir(run_dir: Path) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import data, methods
+    from . import data, learners, methods, models
 
-    sections = {"methods": methods.available, "benchmarks": data.available, "presets": C.presets}
+    def with_plugins() -> list[str]:   # each learner and the plug-ins that declare it (Plugin.learners)
+        plugins = {k: type(methods.create(k)).learners for k in methods.available()}
+        return [f"{name} (plug-ins: {', '.join(k for k, ls in plugins.items() if name in ls) or 'none'})"
+                for name in learners.available()]
+
+    sections = {"learners": with_plugins, "methods": methods.available,
+                "models": lambda: [*models.available(), *(f"{w} (wrapper: model.wrap)" for w in models.wrappers())],
+                "benchmarks": data.available, "presets": C.presets}
     for what in [args.what] if args.what else list(sections):
         names = sections[what]()
         if args.what:

@@ -36,7 +36,9 @@ class ConfigError(ValueError):
 
 
 # The allowed values of the fields that take a name; the modules that act on them import them from here.
+LEARNERS = ("maml", "protonet")                        # learners (their registry, metagrad.learners)
 MODELS = ("auto", "mlp", "conv4", "gcn")
+WRAPPERS = ("tnet",)                                   # models.wrappers: T-Net
 POOLS = ("max", "stride", "none")                      # models.conv4
 ADAPT = ("all", "no_norm", "head", "body")             # maml, functional.ADAPTED_ROLES
 INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
@@ -75,6 +77,8 @@ class ModelConfig:
     pool: str = _f("max", choices=POOLS)  # Conv4 pooling: "max", "stride" (Finn et al.'s Omniglot net) or "none"
     dropout: float = _f(0.0, min=0, below=1, why="a probability")  # GCN dropout; 0 keeps the inner loop a
                                         # deterministic function
+    wrap: list[str] = field(default_factory=list)  # wrappers around the built model, innermost first: tnet
+                                        # (T-Net, a meta-learned transform after every layer, never adapted)
 
 
 @dataclass
@@ -139,6 +143,8 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "custom"                # preset name: names the default run directory
+    learner: str = _f("maml", choices=LEARNERS)  # maml (ANIL, BOIL, Meta-SGD, T-Net by its settings) | protonet
+                                        # (classification; no inner loop, reads no maml.* key)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     maml: MAMLConfig = field(default_factory=MAMLConfig)
@@ -148,11 +154,22 @@ class Config:
     plugin_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per plug-in kwargs, by key
 
     @property
+    def train_steps(self) -> int:
+        """The inner-step count of meta-training: ``maml.inner_steps``, 0 for a learner without inner loop."""
+        from .learners import learner_class
+
+        return self.maml.inner_steps if getattr(learner_class(self.learner), "inner_loop", True) else 0
+
+    @property
     def test_steps(self) -> int:
         """The inner-step count of evaluation and validation: ``maml.eval_inner_steps``, else ``maml.inner_steps``.
 
         The one place it is derived: training's validation, the final evaluation, the diagnostics and the report
-        all read it here."""
+        all read it here. A learner without inner loop (ProtoNet) is scored after 0 steps."""
+        from .learners import learner_class
+
+        if not getattr(learner_class(self.learner), "inner_loop", True):
+            return 0
         return self.maml.inner_steps if self.maml.eval_inner_steps is None else self.maml.eval_inner_steps
 
     def eval_steps(self, task_type: str) -> list[int]:
@@ -411,6 +428,12 @@ def validate(cfg: Config) -> None:
     for key, lim, v in found:
         if "min" in lim and isinstance(v, list) and (not v or not all(lim["min"] <= n <= _INT_MAX for n in v)):
             raise ConfigError(f"{key}: expected a non-empty list of counts >= {lim['min']}, got {v}")
+    if cfg.train_steps == 0 and cfg.eval.inner_steps not in (None, [0]):
+        raise ConfigError(f"eval.inner_steps: learner={cfg.learner} has no inner loop, so it is scored after 0 steps "
+                          f"only, got {cfg.eval.inner_steps}: leave eval.inner_steps unset")
+    unknown = [w for w in cfg.model.wrap if w not in WRAPPERS]
+    if unknown:
+        raise ConfigError(f"model.wrap: unknown wrapper {unknown[0]!r}: choose among {', '.join(WRAPPERS)}")
     if len(set(cfg.plugins)) != len(cfg.plugins):
         raise ConfigError(f"plugins: {cfg.plugins} names a plug-in twice")
     for name, kwargs in cfg.plugin_args.items():
@@ -477,7 +500,8 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["ADAPT", "INNER_LR_MODES", "MODELS", "POOLS", "PRECISIONS", "SCHEDULES", "SPLITS", "BenchmarkConfig",
+__all__ = ["ADAPT", "INNER_LR_MODES", "LEARNERS", "MODELS", "POOLS", "PRECISIONS", "SCHEDULES", "SPLITS", "WRAPPERS",
+           "BenchmarkConfig",
            "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig", "all_keys", "choices",
            "diff", "dumps", "from_dict", "limits", "load", "load_preset", "presets", "resolve", "set_value",
            "to_dict", "validate"]

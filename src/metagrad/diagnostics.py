@@ -91,7 +91,7 @@ def _write_diagnostics(run_dir: Path, tasks: int) -> dict[str, Any]:
 
 def diagnostic_steps(cfg: C.Config, task_type: str) -> list[int]:
     """The inner-step counts the diagnostics are taken after: the evaluation's and the training's."""
-    return sorted(set(cfg.eval_steps(task_type)) | {cfg.maml.inner_steps})
+    return sorted(set(cfg.eval_steps(task_type)) | {cfg.train_steps})
 
 
 def _fits(learner: Any, bench: Any, steps: list[int], device: torch.device) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from . import config as C
 from . import data, methods, models
 from .data import Benchmark
-from .learners import MAML
+from .learners import MAML, ProtoNet, embedding_of
 from .rundir import EVAL as EVAL_FILE
 from .rundir import SCORES as SCORES_FILE
 from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key
@@ -74,14 +74,19 @@ def make_model(cfg: C.Config, bench: Benchmark) -> torch.nn.Module:
     name = models.auto_name(bench) if m.name == "auto" else m.name
     args = {"mlp": {"hidden": tuple(m.hidden)}, "conv4": {"width": m.width, "bias": m.bias, "pool": m.pool},
             "gcn": {"hidden": tuple(m.hidden), "dropout": m.dropout}}.get(name, {})
-    return models.create(name, bench, **args)
+    return models.wrap(m.wrap, models.create(name, bench, **args))
 
 
-def make_learner(cfg: C.Config, bench: Benchmark) -> MAML:
-    """Model, plug-ins (by registry key, with ``plugin_args``) and the MAML learner around them."""
+def make_learner(cfg: C.Config, bench: Benchmark) -> MAML | ProtoNet:
+    """Model, plug-ins (by registry key, with ``plugin_args``) and the learner (``cfg.learner``) around them:
+    MAML, or ProtoNet on the model's body (its last Linear removed, :func:`~metagrad.learners.embedding_of`)."""
     # methods.create checks the arguments against the plug-in's signature (an unknown or mistyped keyword is a
     # one-line ConfigError naming it), so a TypeError from inside a plug-in is a bug and is left to surface.
     plugins = [methods.create(key, **cfg.plugin_args.get(key, {})) for key in cfg.plugins]
+    if cfg.learner == "protonet":
+        if bench.task_type != "classification":
+            raise C.ConfigError(f"learner=protonet classifies; {bench.name} is {bench.task_type}: use learner=maml")
+        return ProtoNet(embedding_of(make_model(cfg, bench)), plugins=plugins)
     mc = cfg.maml
     return MAML(make_model(cfg, bench), inner_lr=mc.inner_lr, inner_steps=mc.inner_steps,
                 eval_inner_steps=mc.eval_inner_steps, first_order=mc.first_order, adapt=mc.adapt,

@@ -322,7 +322,7 @@ def _score_trained_steps(cfg: C.Config, run_dir: Path, cross_domain: Sequence[st
     """
     from .evaluation import evaluate_run, read_records
 
-    k = cfg.maml.inner_steps
+    k = cfg.train_steps
     final = [r for r in read_records(run_dir) if r.get("iteration") == cfg.train.iterations]
     for name in (cfg.benchmark.name, *cross_domain):
         done = {int(r["inner_steps"]) for r in final if r.get("benchmark", cfg.benchmark.name) == name}

@@ -8,6 +8,7 @@ training and studies call only this protocol::
     learner.set_iteration(it)                           # the plug-ins' schedules
     learner.plugins                                     # nn.ModuleList of plug-ins (their task groups)
     type(learner).inner_loop                            # whether ``inner_steps`` means anything to it
+    learner.inner_steps, learner.eval_inner_steps       # its step counts in training and evaluation (0 without)
 
 and, where they apply, ``adapt(support_x, support_y)`` → the adapted model of one task, ``predict(fast, x)``.
 A learner registers itself under a key (``@register("protonet")``); a plug-in lists the keys it supports
@@ -51,6 +52,8 @@ class Learner(Protocol):
 
     name: str
     inner_loop: bool
+    inner_steps: int
+    eval_inner_steps: int
     plugins: nn.ModuleList
 
     def meta_loss(self, batch: TaskBatch, first_order: bool | None = None) -> MetaLossOutput: ...

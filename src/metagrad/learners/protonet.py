@@ -67,6 +67,7 @@ class ProtoNet(nn.Module):
     """
 
     inner_loop = False   # (learners.base) inner-step counts mean nothing to it: evaluation scores 0 steps
+    inner_steps = eval_inner_steps = 0
 
     def __init__(self, embedding: nn.Module, plugins: Sequence[Plugin] = (), embedding_dim: int | None = None) -> None:
         super().__init__()
