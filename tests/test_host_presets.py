@@ -79,3 +79,16 @@ def test_protonet_refuses_regression(tmp_path, capsys):
             "eval.inner_steps=none",
             "train.iterations=1"]
     assert cli.main(args) == 2 and "learner=protonet classifies" in capsys.readouterr().err
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_protonet_run_is_evaluated_at_other_ways_from_its_prototypes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "protonet-omniglot-5w1s-cpu", "--out-dir", str(out), "--no-progress",
+                     "--set", *SMALL]) == 0
+    assert cli.main(["eval", str(out), "--ways", "10", "--tasks", "4"]) == 0
+    last = json.loads((out / "eval.json").read_text())[-1]
+    assert (last["ways"], last["trained_ways"], last["head"], last["inner_steps"]) == (10, 5, "support prototypes", 0)
+    assert cli.main(["eval", str(out), "--steps", "1", "--tasks", "4"]) == 2
+    assert "no inner loop" in capsys.readouterr().err

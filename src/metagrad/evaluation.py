@@ -220,8 +220,12 @@ def _evaluate_run(run_dir: Path, split: str, tasks: int | None, benchmark: str |
         learner = make_learner(cfg, bench).to(device)
         weights = state["learner"]
         if bench.task_type == "classification" and bench.out_dim != trained_ways:
-            weights = transfer_head(weights, learner.state_dict(), trained_ways, bench.out_dim)
-            extra = {"ways": bench.out_dim, "trained_ways": trained_ways, "head": "mean of the trained rows"}
+            fitted = transfer_head(weights, learner.state_dict(), trained_ways, bench.out_dim)
+            # A learner with no tensor indexed by class (ProtoNet: prototypes from the support set) fits as it is.
+            resized = any(fitted[k].shape != weights[k].shape for k in fitted)
+            extra = {"ways": bench.out_dim, "trained_ways": trained_ways,
+                     "head": "mean of the trained rows" if resized else "support prototypes"}
+            weights = fitted
         learner.load_state_dict(weights)
     except RuntimeError as e:
         raise RunError(f"the checkpoint does not fit the model built for {bench.name}: "
