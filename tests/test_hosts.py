@@ -91,6 +91,19 @@ def test_protonet_protocol_evaluate_adapt_predict_and_meta_backward():
         learner.meta_loss(gap)
 
 
+@pytest.mark.parametrize("key", ["trlearner", "cml"])
+def test_protonet_takes_any_embedding_module(key):
+    """A plain module (no ``return_features``) is an embedding; plug-ins sized by it need its size, inferred from
+    a last Linear or given."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    out = ProtoNet(seq, plugins=[methods.create(key)]).meta_loss(vector_batch())
+    assert torch.isfinite(out.loss) and out.loss > out.query_loss
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ProtoNet(nn.Sequential(nn.Flatten()), plugins=[methods.create(key)])
+    assert ProtoNet(nn.Sequential(nn.Flatten()), plugins=[methods.create(key)], embedding_dim=5).embedding_dim == 5
+
+
 @pytest.mark.parametrize("key", ["meta_gna", "cxgrad"])
 def test_inner_loop_plugins_are_refused_on_protonet_with_a_reason(key):
     with pytest.raises(ValueError, match=f"{key}.*does not run on protonet: .*no inner loop"):

@@ -41,7 +41,8 @@ def attach(plugin: Plugin, view: LearnerView) -> None:
         raise ValueError(f"plug-in {plugin.name!r} does not run on {view.host}: {plugin.refusal} (it supports "
                          f"{', '.join(plugin.learners)})")
     plugin.attach(view)
-    if plugin.needs_features and not supports_features(view.model):
+    # A host that knows its feature size gives the features itself (ProtoNet: the embedding).
+    if plugin.needs_features and view.feature_dim is None and not supports_features(view.model):
         raise ValueError(f"plug-in {plugin.name!r} needs features, but {type(view.model).__name__}.forward has no "
                          "return_features argument: add forward(x, return_features=False) → (out, feats)")
 

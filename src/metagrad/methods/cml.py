@@ -118,7 +118,7 @@ class CML(Plugin):
                 raise ValueError("CML on ProtoNet: use head='mlp' and give the embedding's size "
                                  f"(ProtoNet(..., embedding_dim=d)); got head={self.head!r}, size {view.feature_dim}")
             d = view.feature_dim
-            w = next(iter(view.meta_params().values()))
+            w = next(iter(view.meta_params().values()), torch.empty(0))   # the embedding's dtype and device
             self.co_learner = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)).to(w.dtype).to(w.device)
             return
         model = view.model

@@ -134,7 +134,7 @@ class TRLearner(Plugin):
                 raise ValueError("TRLearner on ProtoNet sizes its heads by the embedding: pass "
                                  "ProtoNet(..., embedding_dim=d)")
             self._classification, self.needs_features = True, True
-            w = next(iter(view.meta_params().values()))
+            w = next(iter(view.meta_params().values()), torch.empty(0))   # the embedding's dtype and device
             self.head_weights = nn.Parameter(1 + 0.01 * torch.randn(self.num_heads, 2 * view.feature_dim,
                                                                     dtype=w.dtype, device=w.device))
             return
