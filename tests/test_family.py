@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as sps
 
 from metagrad import config as C
-from metagrad.family import confirm, family_table, read_family
+from metagrad.family import family_table, read_family
+from metagrad.report import confirm
 from metagrad.stats import holm
 from tests.test_report import fake_row
 

@@ -39,7 +39,7 @@ from typing import Any
 import tomllib
 
 from . import config as C
-from . import stats
+from . import reading, stats
 
 MARK = "# metagrad family"
 _KEYS = {"id": str, "method": str, "preset": str, "benchmark": str, "steps": int, "seeds": list}
@@ -96,16 +96,16 @@ def read_family(path: str | Path) -> Family:
     """The family of a preregistration file (Markdown with a ``# metagrad family`` toml block, or TOML)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise C.ConfigError(f"{p}: cannot read the family file ({type(e).__name__}: {e})") from None
+        text = reading.read_text(p, fix="give the preregistration file")   # no FIFO waited on; UTF-8 or one line
+    except OSError as e:
+        raise C.ConfigError(f"{p}: cannot read the family file ({e.strerror or e})") from None
     if p.suffix.lower() != ".toml":
         blocks = [b for b in re.findall(r"^```toml\n(.*?)^```", text, re.DOTALL | re.MULTILINE) if b.lstrip().startswith(MARK)]
         if len(blocks) != 1:
             raise _error(p, f"expected one ```toml block starting with '{MARK}', found {len(blocks)}")
         text = blocks[0]
     try:
-        raw = tomllib.loads(text)
+        raw = reading.check_value(p, tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
         raise _error(p, f"not valid TOML ({e})") from None
     unknown = set(raw) - {"level", "correction", "alternative", "config", "hypothesis"}
@@ -143,49 +143,6 @@ def read_family(path: str | Path) -> Family:
     return Family(str(p), tuple(hyps), level, correction, alternative, dict(cfg))
 
 
-def _matches(run: Any, fam: Family) -> bool:
-    leaves = C._leaves(C.to_dict(run.cfg))
-    return all(leaves.get(k) == v for k, v in fam.config.items())
-
-
-def confirm(fam: Family, runs: Sequence[Any]) -> list[Result]:
-    """Each hypothesis tested on ``runs`` (:class:`metagrad.report.Run`), Holm-adjusted over the family."""
-    from . import report as Rp
-
-    runs = [r for r in runs if _matches(r, fam)]
-    out: list[Result] = []
-    for h in fam.hypotheses:
-        mine = [r for r in runs if r.cfg.name == h.preset and r.cfg.train.seed in h.seeds]
-        method_rows = [row for row in Rp.group([r for r in mine if r.method == h.method])]
-        if len(method_rows) != 1:
-            reason = "no runs yet" if not method_rows else f"{len(method_rows)} configs of {h.method}: ambiguous"
-            out.append(Result(h, [], None, math.nan, reason=reason))
-            continue
-        row = method_rows[0]
-        sig = Rp._signature(row.runs[0].cfg, plugins=False)
-        base = [r for r in mine if r.method == "maml" and Rp._signature(r.cfg, plugins=False) == sig]
-        seeds = sorted({r.cfg.train.seed for r in row.runs} & {r.cfg.train.seed for r in base})
-        if not seeds:
-            out.append(Result(h, [], None, math.nan, reason="no matched MAML run at these seeds yet"))
-            continue
-        a = Rp.Row(h.preset, h.method, [r for r in row.runs if r.cfg.train.seed in seeds]).stats()
-        b = Rp.Row(h.preset, "maml", sorted((r for r in base if r.cfg.train.seed in seeds),
-                                            key=lambda r: r.cfg.train.seed)).stats()
-        key = (h.benchmark, h.steps)
-        if key not in a or key not in b:
-            out.append(Result(h, seeds, None, math.nan, reason=f"not scored on {h.benchmark} after {h.steps} steps"))
-            continue
-        c = Rp.compare(a[key], b[key], alternative=fam.alternative)
-        if isinstance(c, str):
-            out.append(Result(h, seeds, None, math.nan, reason=c))
-            continue
-        out.append(Result(h, seeds, c, math.nan, a[key].mean, b[key].mean, metric=a[key].metric))
-    ps = [1.0 if r.comparison is None or math.isnan(r.comparison.p) else r.comparison.p for r in out]
-    for r, adj in zip(out, stats.holm(ps)):
-        r.adjusted = adj
-    return out
-
-
 def family_table(fam: Family, results: Sequence[Result]) -> tuple[str, list[str], list[list[str]]]:
     """The confirmatory table: (title, header, cells)."""
     side = {"greater": "method > MAML", "less": "method < MAML", "two-sided": "two-sided"}[fam.alternative]
@@ -210,4 +167,4 @@ def family_table(fam: Family, results: Sequence[Result]) -> tuple[str, list[str]
     return title, head, cells
 
 
-__all__ = ["Family", "Hypothesis", "Result", "confirm", "family_table", "read_family"]
+__all__ = ["Family", "Hypothesis", "Result", "family_table", "read_family"]

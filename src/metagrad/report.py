@@ -38,6 +38,7 @@ import numpy as np
 from . import config as C
 from . import rundir as R
 from . import stats
+from .family import Family, Result, family_table, read_family
 from .plateau import POINTS, RELATIVE, plateau
 from .rundir import method_label
 
@@ -324,6 +325,48 @@ def comparisons(rows: Sequence[Row]) -> dict[tuple[int, str, int], tuple[stats.C
     return {k: (found[k][0], adjusted.get(k, math.nan), found[k][1]) for k in keys}
 
 
+# ------------------------------------------------------------------------------------------------ a family
+def _in_family(run: Run, fam: Family) -> bool:
+    leaves = C._leaves(C.to_dict(run.cfg))
+    return all(leaves.get(k) == v for k, v in fam.config.items())
+
+
+def confirm(fam: Family, runs: Sequence[Run]) -> list[Result]:
+    """Each hypothesis tested on ``runs`` (:class:`metagrad.report.Run`), Holm-adjusted over the family."""
+    runs = [r for r in runs if _in_family(r, fam)]
+    out: list[Result] = []
+    for h in fam.hypotheses:
+        mine = [r for r in runs if r.cfg.name == h.preset and r.cfg.train.seed in h.seeds]
+        method_rows = [row for row in group([r for r in mine if r.method == h.method])]
+        if len(method_rows) != 1:
+            reason = "no runs yet" if not method_rows else f"{len(method_rows)} configs of {h.method}: ambiguous"
+            out.append(Result(h, [], None, math.nan, reason=reason))
+            continue
+        row = method_rows[0]
+        sig = _signature(row.runs[0].cfg, plugins=False)
+        base = [r for r in mine if r.method == "maml" and _signature(r.cfg, plugins=False) == sig]
+        seeds = sorted({r.cfg.train.seed for r in row.runs} & {r.cfg.train.seed for r in base})
+        if not seeds:
+            out.append(Result(h, [], None, math.nan, reason="no matched MAML run at these seeds yet"))
+            continue
+        a = Row(h.preset, h.method, [r for r in row.runs if r.cfg.train.seed in seeds]).stats()
+        b = Row(h.preset, "maml", sorted((r for r in base if r.cfg.train.seed in seeds),
+                                            key=lambda r: r.cfg.train.seed)).stats()
+        key = (h.benchmark, h.steps)
+        if key not in a or key not in b:
+            out.append(Result(h, seeds, None, math.nan, reason=f"not scored on {h.benchmark} after {h.steps} steps"))
+            continue
+        c = compare(a[key], b[key], alternative=fam.alternative)
+        if isinstance(c, str):
+            out.append(Result(h, seeds, None, math.nan, reason=c))
+            continue
+        out.append(Result(h, seeds, c, math.nan, a[key].mean, b[key].mean, metric=a[key].metric))
+    ps = [1.0 if r.comparison is None or math.isnan(r.comparison.p) else r.comparison.p for r in out]
+    for r, adj in zip(out, stats.holm(ps)):
+        r.adjusted = adj
+    return out
+
+
 def verdict_steps(row: Row) -> set[int]:
     """The step counts a row is judged at: its test count only, so that one family never holds two views of the
     same models (after 1 step and after k). Other counts (0 steps, the training count) are shown with their
@@ -522,8 +565,6 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     cross-domain view) whose records are left out of every table and family. Returns the path of ``report.md``.
     """
     from . import report_plots as RP
-    from .family import confirm, family_table, read_family
-
     fam = read_family(family) if family is not None else None   # a bad file stops before anything is written
     roots = [Path(p) for p in paths]
     out = Path(out_dir) if out_dir else roots[0] / "report"
@@ -574,5 +615,5 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     return path
 
 
-__all__ = ["Row", "Run", "Stat", "compare", "comparisons", "find_runs", "group", "load_run", "seed_stat", "tables",
+__all__ = ["Row", "Run", "Stat", "compare", "comparisons", "confirm", "find_runs", "group", "load_run", "seed_stat", "tables",
            "verdict", "write_report"]
