@@ -202,7 +202,8 @@ def test_eval_with_other_ways_replicates_the_mean_head_row():
 
 
 def test_eval_on_a_benchmark_with_fixed_other_ways(tmp_path, capsys, monkeypatch):
-    """A 5-way classifier evaluated on 20-way episodes (as on Lake's runs): a 20-row head, each row the mean."""
+    """A 5-way classifier evaluated on 20-way episodes (as on Lake's runs): by default each task's head starts from
+    its support prototypes; ``--head mean`` gives a 20-row head, each row the mean of the trained ones."""
     import torch
 
     from metagrad import data
@@ -244,11 +245,18 @@ def test_eval_on_a_benchmark_with_fixed_other_ways(tmp_path, capsys, monkeypatch
     assert main(["train", "--config", str(tmp_path / "five.toml"), *TINY, "--set", "train.iterations=2",
                  "--set", "eval.tasks=4", "--set", "train.val_every=0", "--out-dir", str(run)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(run), "--benchmark", "twenty"]) == 0
+    assert main(["eval", str(run), "--benchmark", "twenty", "--head", "mean"]) == 0
     records = [r for r in json.loads((run / "eval.json").read_text()) if r["benchmark"] == "twenty"]
     assert records and all(r["tasks"] == 3 and r["ways"] == 20 and r["trained_ways"] == 5 for r in records)
+    assert {r["head"] for r in records} == {"mean"}
     by_steps = {r["inner_steps"]: r["mean"] for r in records}
     assert by_steps[0] == pytest.approx(1 / 20)     # identical rows: every class ties, argmax picks class 0
     assert max(v for k, v in by_steps.items() if k > 0) > 0.15  # adaptation separates the classes (3× chance)
+    assert main(["eval", str(run), "--benchmark", "twenty"]) == 0
+    records = [r for r in json.loads((run / "eval.json").read_text()) if r["benchmark"] == "twenty"][3:]
+    assert [(r["head"], r["ways"]) for r in records] == [("prototype", 20)] * 3
+    # A query is its class's support example plus noise: the nearest prototype finds nearly every one at 0 steps.
+    assert {r["inner_steps"]: r["mean"] for r in records}[0] > 0.9
+    assert len(json.loads((run / "scores.json").read_text())) == 3 + 3 + 3   # the head is part of the scores' key
     assert main(["eval", str(run), "--benchmark", "twenty", "--tasks", "4"]) == 2
     assert "twenty has 3 tasks" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def test_every_preset_resolves():
 def test_sinusoid_presets_follow_finn():
     cfg = C.resolve("sinusoid-10shot")
     assert (cfg.benchmark.name, cfg.benchmark.shots, cfg.benchmark.queries) == ("sinusoid", 10, 10)
-    assert (cfg.model.name, cfg.model.hidden) == ("mlp", [40, 40])
+    assert (cfg.model.name, cfg.model.kwargs) == ("mlp", {})   # Finn's 40-40: the MLP's default widths
     assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.01, 1, 10)
     assert (cfg.train.meta_batch_size, cfg.train.meta_lr) == (25, 1e-3)
     assert cfg.eval.inner_steps == [0, 1, 10] and cfg.eval.tasks == 600
@@ -40,7 +40,7 @@ def test_overrides_are_parsed_to_the_field_types():
     ])
     assert cfg.train.iterations == 7 and cfg.maml.inner_lr == 0.01 and cfg.maml.first_order is True
     assert cfg.train.grad_clip is None and cfg.maml.eval_inner_steps is None and cfg.train.threads is None
-    assert cfg.eval.inner_steps == [0, 5] and cfg.model.hidden == [20, 20, 20]
+    assert cfg.eval.inner_steps == [0, 5] and cfg.model.kwargs == {"hidden": [20, 20, 20]}
     assert cfg.plugins == ["cml", "meta_gna"]
     assert cfg.plugin_args == {"cml": {"weight": 0.5, "head": "linear"}}
     assert cfg.benchmark.kwargs == {"val_fraction": 0.3}
@@ -71,7 +71,6 @@ def test_wrong_type_names_the_expected_type(item, expected):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("model.name=resnet", "model.name: expected one of auto, mlp, conv4, gcn"),
     ("maml.adapt=some", "maml.adapt: expected one of"),
     ("train.iterations=0", "train.iterations: must be >= 1"),
     ("maml.inner_lr=-1", "maml.inner_lr: must be > 0"),
@@ -147,7 +146,7 @@ def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
     cfg = C.resolve("omniglot-5w1s-budget60")
     assert (cfg.benchmark.queries, cfg.eval.queries, cfg.train.time_budget_min) == (2, 15, 55)
     assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.eval_inner_steps) == (0.4, 1, 3)
-    assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.width) == (16, 1e-3, 64)
+    assert (cfg.train.meta_batch_size, cfg.train.meta_lr, cfg.model.kwargs) == (16, 1e-3, {})  # Conv4's 64
     # The late drop of the meta step size: 1e-3, then 1e-4 for the last 20% of the 5,200 steps.
     assert (cfg.train.meta_lr_schedule, cfg.train.meta_lr_min, cfg.train.iterations) == ("step", 1e-4, 5200)
     assert cfg.train.meta_lr_step_at == 0.8
@@ -157,17 +156,15 @@ def test_budget_preset_trains_on_few_queries_and_scores_on_fifteen():
 def test_limits_are_declared_beside_their_fields_and_read_by_their_users():
     """One definition of every choice: validation and the modules that act on a value read the same tuple."""
     from metagrad import checks, inner_lr
-    from metagrad.models import conv4
 
     limits = C.limits()
     assert set(limits) <= set(C.all_keys())
     assert {k for k, lim in limits.items() if "choices" in lim} == {
-        "model.name", "model.pool", "maml.adapt", "maml.learn_inner_lr", "train.meta_lr_schedule",
-        "train.precision", "eval.split"}
-    assert C.choices("maml.adapt") == C.ADAPT and C.choices("model.pool") == C.POOLS
+        "maml.adapt", "maml.learn_inner_lr", "train.meta_lr_schedule", "train.precision", "eval.split", "eval.head"}
+    assert C.choices("maml.adapt") == C.ADAPT and C.choices("eval.head") == C.HEADS
     assert C.choices("maml.learn_inner_lr") == C.INNER_LR_MODES
-    # The learner's checks, inner_lr and conv4 refuse exactly what the config refuses (the same tuple).
-    assert (checks.ADAPT, inner_lr.MODES, conv4.POOLS) == (C.ADAPT, C.INNER_LR_MODES, C.POOLS)
+    # The learner's checks and inner_lr refuse exactly what the config refuses (the same tuple).
+    assert (checks.ADAPT, inner_lr.MODES) == (C.ADAPT, C.INNER_LR_MODES)
     for key, lim in limits.items():
         section, name = key.split(".")
         default = getattr(C.Config(), section).__dict__[name]
@@ -177,16 +174,12 @@ def test_limits_are_declared_beside_their_fields_and_read_by_their_users():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("model.pool=avg", "model.pool: expected one of max, stride, none, got 'avg'"),
     ("maml.learn_inner_lr=per_layer", "maml.learn_inner_lr: expected one of fixed, per_step, per_element"),
     ("benchmark.image_size=0", "benchmark.image_size: must be >= 1, got 0"),
     (f"train.seed={2**31}", f"train.seed: must be >= 0 and <= {2**31 - 1}"),
     ("train.time_budget_min=inf", "train.time_budget_min: must be > 0 and finite, got inf"),
     ("train.meta_lr_min=-1", r"train.meta_lr_min: must be >= 0 and finite \(the schedule's last step size\)"),
     ("train.meta_lr_step_at=1.5", r"train.meta_lr_step_at: a fraction of train.iterations in \[0, 1\], got 1.5"),
-    ("model.dropout=1", r"model.dropout: a probability in \[0, 1\), got 1.0"),
-    ("model.dropout=nan", r"model.dropout: a probability in \[0, 1\), got nan"),
-    ("model.hidden=40,0", r"model.hidden: expected a non-empty list of counts >= 1, got \[40, 0\]"),
     ("eval.inner_steps=[]", r"eval.inner_steps: expected a non-empty list of counts >= 0, got \[\]"),
 ])
 def test_every_kind_of_limit_is_checked_with_its_message(item, message):

@@ -65,7 +65,13 @@ def _cheap(items: list[str]) -> bool:
             and cfg.train.meta_batch_size <= 8 and (cfg.eval.meta_batch_size or 1) <= 16
             and max([cfg.maml.inner_steps, cfg.maml.eval_inner_steps or 0, *(cfg.eval.inner_steps or [])]) <= 10
             and cfg.benchmark.shots + cfg.benchmark.queries <= 60 and (cfg.eval.queries or 0) <= 60
-            and sum(cfg.model.hidden) <= 200 and cfg.train.device in ("cpu", "auto") and cfg.train.val_every == 0)
+            and _small_model(cfg.model) and cfg.train.device in ("cpu", "auto") and cfg.train.val_every == 0)
+
+
+def _small_model(model: C.ModelConfig) -> bool:
+    hidden = model.kwargs.get("hidden", [40, 40])
+    widths = hidden if isinstance(hidden, list) else [hidden]
+    return model.name in ("auto", "mlp") and all(isinstance(w, int) for w in widths) and sum(widths) <= 200
 
 
 def _verdict(code: object, err: str) -> str | None:

@@ -89,6 +89,6 @@ def test_protonet_run_is_evaluated_at_other_ways_from_its_prototypes(tmp_path, c
                      "--set", *SMALL]) == 0
     assert cli.main(["eval", str(out), "--ways", "10", "--tasks", "4"]) == 0
     last = json.loads((out / "eval.json").read_text())[-1]
-    assert (last["ways"], last["trained_ways"], last["head"], last["inner_steps"]) == (10, 5, "support prototypes", 0)
+    assert (last["ways"], last["trained_ways"], last["head"], last["inner_steps"]) == (10, 5, "prototype", 0)
     assert cli.main(["eval", str(out), "--steps", "1", "--tasks", "4"]) == 2
     assert "no inner loop" in capsys.readouterr().err

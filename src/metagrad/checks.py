@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .config import ADAPT
 from .functional import Params, supports_features
@@ -30,6 +31,17 @@ def learner_options(adapt: str, loss: str, inner_steps: int, eval_inner_steps: i
         raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 0):
         raise ValueError("inner_steps must be >= 1 and eval_inner_steps >= 0")
+
+
+def model_norms(model: nn.Module) -> None:
+    """Refuse normalisation layers that track running statistics: MAML's reference code normalises with the
+    batch's statistics in the inner loop and at the query, and running statistics (mixed over every task's data)
+    would replace them in eval mode, silently (a custom CNN fell from 76.6% to 30.8% that way)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            raise ValueError(f"{type(model).__name__}.{name} is a {type(m).__name__} that tracks running statistics: "
+                             f"build it with track_running_stats=False (MAML normalises with each task's batch "
+                             f"statistics, in evaluation too; docs/own-model.md)")
 
 
 def attach(plugin: Plugin, view: LearnerView) -> None:

@@ -4,7 +4,8 @@
 
     metagrad train --config PRESET_OR_FILE [--data-root DIR] [--set key=value ...] [--out-dir runs/NAME] [--resume]
                    [--dry-run]
-    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N] [--data-root DIR]
+    metagrad eval  RUN_DIR [--split test] [--tasks 600] [--steps K ...] [--benchmark NAME] [--ways N]
+                   [--head auto|trained|prototype|mean] [--data-root DIR]
     metagrad list  [learners|methods|models|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
                    [--keep results/NAME] [--only METHOD[:SEED] ...]
@@ -80,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="data folder of the evaluated benchmark")
     e.add_argument("--ways", type=int, default=None,
                    help="ways of the evaluated episodes (default: the benchmark's own, e.g. 20 for omniglot-lake20, "
-                        "else training's); a classifier's head rows start as the mean of the trained ones")
+                        "else the run's eval.ways, else training's)")
+    e.add_argument("--head", choices=C.HEADS, default=None,
+                   help="the head each task starts from (default: the run's eval.head, auto): trained, prototype "
+                        "(the support set's class prototypes, Proto-MAML), mean (rows the mean of the trained "
+                        "ones); auto: trained at training's ways, else prototype")
 
     ls = sub.add_parser("list", help="list learners (with the plug-ins each supports), methods, models, benchmarks "
                                      "or presets")
@@ -279,7 +284,8 @@ def _eval(args: argparse.Namespace) -> int:
     with locked(run_dir):      # one writer, from before anything is read
         _check_eval_dir(run_dir)
         records = evaluate_run(run_dir, split=args.split, tasks=args.tasks, benchmark=args.benchmark,
-                               data_root=args.data_root, ways=args.ways, inner_steps=args.steps)
+                               data_root=args.data_root, ways=args.ways, inner_steps=args.steps,
+                               head=args.head)
     print(format_table(records))
     check_scores(records)
     return 0

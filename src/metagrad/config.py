@@ -37,14 +37,13 @@ class ConfigError(ValueError):
 
 # The allowed values of the fields that take a name; the modules that act on them import them from here.
 LEARNERS = ("maml", "protonet")                        # learners (their registry, metagrad.learners)
-MODELS = ("auto", "mlp", "conv4", "gcn")
 WRAPPERS = ("tnet",)                                   # models.wrappers: T-Net
-POOLS = ("max", "stride", "none")                      # models.conv4
 ADAPT = ("all", "no_norm", "head", "body")             # maml, functional.ADAPTED_ROLES
 INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
 SPLITS = ("train", "val", "test")
+HEADS = ("auto", "trained", "prototype", "mean")     # evaluation.heads
 
 
 def _f(default: Any, **limits: Any) -> Any:
@@ -69,16 +68,21 @@ class BenchmarkConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("auto", choices=MODELS)  # mlp | conv4 | gcn; auto: mlp for regression, gcn for graphs, else conv4
-    hidden: list[int] = field(default_factory=lambda: [40, 40], metadata={"min": 1})  # MLP hidden widths (Finn:
-                                        # 40-40); GCN: [16]
-    width: int = _f(64, min=1)          # Conv4 filters per block (32 for mini-ImageNet in Finn et al.)
-    bias: bool = False                  # Conv4 conv bias: redundant before batch norm, so off
-    pool: str = _f("max", choices=POOLS)  # Conv4 pooling: "max", "stride" (Finn et al.'s Omniglot net) or "none"
-    dropout: float = _f(0.0, min=0, below=1, why="a probability")  # GCN dropout; 0 keeps the inner loop a
-                                        # deterministic function
+    name: str = "auto"                  # a built-in (`metagrad list models`: mlp, conv4, gcn), an import path
+                                        # `package.module:factory`, or an entry point of group metagrad.models;
+                                        # auto: mlp for regression, gcn for graphs, else conv4
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the model's own arguments, passed to its factory
+                                        # (conv4: width 64, bias false, pool "max" | "stride" | "none"; mlp:
+                                        # hidden [40, 40]; gcn: hidden 16, dropout 0)
     wrap: list[str] = field(default_factory=list)  # wrappers around the built model, innermost first: tnet
                                         # (T-Net, a meta-learned transform after every layer, never adapted)
+
+
+# Model keys of configs written before `model.kwargs` (every run's config.json holds all five): read into
+# `model.kwargs`, except a value equal to its old default (the factories' own); a key the built model does not
+# take is ignored, as it always was (metagrad.build.make_model).
+LEGACY_MODEL_KEYS: dict[str, tuple[Any, Any]] = {"hidden": (list[int], [40, 40]), "width": (int, 64),
+                                                 "bias": (bool, False), "pool": (str, "max"), "dropout": (float, 0.0)}
 
 
 @dataclass
@@ -138,6 +142,13 @@ class EvalConfig:
     meta_batch_size: int | None = _f(None, min=1)  # tasks per evaluation batch; None: train.meta_batch_size
     queries: int | None = _f(None, min=1)  # query samples per class in validation and test; None: benchmark.queries
                                         # (train on few queries for speed, score on the usual 15)
+    ways: int | None = _f(None, min=2)  # classification: ways of the final evaluation and of `metagrad eval`;
+                                        # None: the benchmark's own (e.g. 20 for omniglot-lake20), else training's
+    head: str = _f("auto", choices=HEADS)  # the head a classifier starts each evaluated task from: trained (its
+                                        # own rows; training's ways only) | prototype (Proto-MAML: the support
+                                        # set's class prototypes, Triantafillou et al. 2020) | mean (every row the
+                                        # mean of the trained rows) | auto: trained at training's ways, else
+                                        # prototype (docs/own-data.md measures them)
 
 
 @dataclass
@@ -277,6 +288,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             return
         name, _, rest = rest.partition(".")
         obj, tp = getattr(cfg, head), typing.get_type_hints(tp).get(name)
+        if head == "model" and name in LEGACY_MODEL_KEYS and not rest:
+            _set_legacy_model_key(cfg.model, name, value, key)
+            return
         if tp is None:
             raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, all_keys())}")
     if not rest:
@@ -291,6 +305,13 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         if not isinstance(d, dict):
             raise ConfigError(f"{key}: {p!r} already holds a value, not a table")
     d[last] = _literal(value) if isinstance(value, str) else value
+
+
+def _set_legacy_model_key(model: ModelConfig, name: str, value: Any, key: str) -> None:
+    tp, default = LEGACY_MODEL_KEYS[name]
+    value = coerce(value, tp, key)
+    if value != default or name in model.kwargs:  # an old default is the factories' own: nothing to pass
+        model.kwargs[name] = value
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -500,7 +521,7 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["ADAPT", "INNER_LR_MODES", "LEARNERS", "MODELS", "POOLS", "PRECISIONS", "SCHEDULES", "SPLITS", "WRAPPERS",
+__all__ = ["ADAPT", "HEADS", "INNER_LR_MODES", "LEARNERS", "PRECISIONS", "SCHEDULES", "SPLITS", "WRAPPERS",
            "BenchmarkConfig",
            "Config", "ConfigError", "EvalConfig", "MAMLConfig", "ModelConfig", "TrainConfig", "all_keys", "choices",
            "diff", "dumps", "from_dict", "limits", "load", "load_preset", "presets", "resolve", "set_value",

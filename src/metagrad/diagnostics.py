@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from . import config as C
 from . import rundir
-from .evaluation import device_of, make_benchmark, make_learner
+from .build import device_of, make_benchmark, make_learner
 from .rundir import DIAGNOSTICS as DIAG_FILE
 from .rundir import read_diagnostics
 from .runlock import locked

@@ -1,7 +1,6 @@
-"""Evaluation: a run's learner built from its config, and the protocol (mean ± 95% CI over test tasks).
+"""Evaluation: the protocol (mean ± 95% CI over test tasks), and a saved run re-evaluated (:func:`evaluate_run`).
 
-:func:`make_learner` and :func:`make_benchmark` turn a :class:`~metagrad.config.Config` into objects, for
-training and for re-evaluating a saved run alike.
+The objects come from :mod:`metagrad.build` (its builders are re-exported here, where they were first).
 
 Per task the metric is the query accuracy (classification) or the query MSE (regression); a record reports
 the mean over ``n`` tasks and the 95% confidence interval ``1.96 · std / √n`` (std over tasks, as numpy's
@@ -29,83 +28,24 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as C
-from . import data, methods, models
+from . import data
+from .build import (
+    RunError,
+    device_of,
+    evaluation_learner,
+    make_benchmark,
+    make_learner,
+    make_model,
+    transfer_head,
+)
 from .data import Benchmark
-from .learners import MAML, ProtoNet, embedding_of
+from .learners import MAML
 from .rundir import EVAL as EVAL_FILE
 from .rundir import SCORES as SCORES_FILE
 from .rundir import append_records, open_run, read_records, read_scores, record_scores, scores_key
 from .runlock import locked
 
 # The records' readers and writers live in metagrad.rundir; they are re-exported here, where they were first.
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used as asked (exists, missing, or holds another run); one line."""
-
-
-# ------------------------------------------------------------------------------------------------ builders
-def make_benchmark(cfg: C.Config, split: str, seed: int, meta_batch_size: int, name: str | None = None,
-                   root: str | None = None, ways: int | None = None) -> Benchmark:
-    """The config's benchmark (or ``name``, for cross-domain evaluation) for one split; ``ways`` overrides
-    the config's number of ways (a cross-domain benchmark with other ways, e.g. Lake's 20-way runs). Splits
-    other than "train" take ``eval.queries`` query samples per class when it is set."""
-    b = cfg.benchmark
-    same = name in (None, b.name)
-    # The run's own data root and extra arguments belong to its benchmark, not to a cross-domain one.
-    kwargs = dict(b.kwargs) if same else {}
-    if b.image_size is not None:
-        kwargs["image_size"] = b.image_size
-    queries = b.queries if split == "train" or cfg.eval.queries is None else cfg.eval.queries
-    takes = data.arguments(name or b.name)
-    unknown = [k for k in kwargs if takes is not None and k not in takes]
-    if unknown:  # refused by name here: a TypeError from inside the benchmark stays a TypeError (a bug)
-        raise C.ConfigError(f"benchmark {name or b.name!r} takes no argument {unknown[0]!r} (it takes: "
-                            f"{', '.join(takes or ())}): check benchmark.kwargs / image_size")
-    return data.create(name or b.name, split=split, ways=ways or b.ways, shots=b.shots, queries=queries,
-                       meta_batch_size=meta_batch_size, seed=seed, root=root or (b.data_root if same else None),
-                       **kwargs)
-
-
-def make_model(cfg: C.Config, bench: Benchmark) -> torch.nn.Module:
-    """The base network, sized to the benchmark: ``out_dim = ways`` for classification, inputs from ``x_shape``
-    (:func:`metagrad.models.create`, with the config's arguments of that model)."""
-    m = cfg.model
-    name = models.auto_name(bench) if m.name == "auto" else m.name
-    args = {"mlp": {"hidden": tuple(m.hidden)}, "conv4": {"width": m.width, "bias": m.bias, "pool": m.pool},
-            "gcn": {"hidden": tuple(m.hidden), "dropout": m.dropout}}.get(name, {})
-    return models.wrap(m.wrap, models.create(name, bench, **args))
-
-
-def make_learner(cfg: C.Config, bench: Benchmark) -> MAML | ProtoNet:
-    """Model, plug-ins (by registry key, with ``plugin_args``) and the learner (``cfg.learner``) around them:
-    MAML, or ProtoNet on the model's body (its last Linear removed, :func:`~metagrad.learners.embedding_of`)."""
-    # methods.create checks the arguments against the plug-in's signature (an unknown or mistyped keyword is a
-    # one-line ConfigError naming it), so a TypeError from inside a plug-in is a bug and is left to surface.
-    plugins = [methods.create(key, **cfg.plugin_args.get(key, {})) for key in cfg.plugins]
-    if cfg.learner == "protonet":
-        if bench.task_type != "classification":
-            raise C.ConfigError(f"learner=protonet classifies; {bench.name} is {bench.task_type}: use learner=maml")
-        return ProtoNet(embedding_of(make_model(cfg, bench)), plugins=plugins)
-    mc = cfg.maml
-    return MAML(make_model(cfg, bench), inner_lr=mc.inner_lr, inner_steps=mc.inner_steps,
-                eval_inner_steps=mc.eval_inner_steps, first_order=mc.first_order, adapt=mc.adapt,
-                loss="mse" if bench.task_type == "regression" else "cross_entropy", plugins=plugins,
-                learn_inner_lr=mc.learn_inner_lr, multi_step_loss=mc.multi_step_loss,
-                msl_iterations=mc.msl_iterations)
-
-
-def device_of(name: str) -> torch.device:
-    """``train.device`` as a torch device ("auto": cuda when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise C.ConfigError(f"train.device: {name!r} is not a device (cpu, cuda, cuda:N, auto)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError(f"train.device={name} but CUDA is not available here: use cpu or auto")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------ protocol
@@ -180,31 +120,33 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", tasks: int | None = None,
-                 benchmark: str | None = None, data_root: str | None = None,
-                 ways: int | None = None, inner_steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                 benchmark: str | None = None, data_root: str | None = None, ways: int | None = None,
+                 inner_steps: Sequence[int] | None = None, head: str | None = None) -> list[dict[str, Any]]:
     """Evaluate a run's latest checkpoint, optionally on another benchmark with the same input shape.
 
-    ``ways``: the evaluated episodes' number of ways when it differs from training's (default: the benchmark's
-    own fixed number, e.g. 20 for ``omniglot-lake20``, else training's). A classifier trained with other ways
-    gets a head of the new size whose rows all start as the mean of the trained rows (see
-    :func:`transfer_head`). ``inner_steps``: the step counts scored after (default: the run's
-    ``eval.inner_steps``, else its evaluation step count). The records are appended to the run's ``eval.json``
-    and returned.
+    ``ways``: the evaluated episodes' number of ways (default: the benchmark's own fixed number, e.g. 20 for
+    ``omniglot-lake20``, else the run's ``eval.ways``, else training's). ``head``: the head a classifier starts
+    each task from (default: the run's ``eval.head``; "auto" is the trained head at training's ways and the
+    support set's class prototypes at others, see :func:`metagrad.build.evaluation_learner`); the records say
+    which. ``inner_steps``: the step counts scored after (default: the run's ``eval.inner_steps``, else its
+    evaluation step count). The records are appended to the run's ``eval.json`` and returned.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} " + ("is not a directory" if run_dir.exists() else
                                                               "does not exist"))
     with locked(run_dir):   # one writer per run directory (metagrad.runlock)
-        return _evaluate_run(open_run(run_dir), split, tasks, benchmark, data_root, ways, inner_steps)
+        return _evaluate_run(open_run(run_dir), split, tasks, benchmark, data_root, ways, inner_steps, head)
 
 
 def _evaluate_run(run_dir: Path, split: str, tasks: int | None, benchmark: str | None, data_root: str | None,
-                  ways: int | None, inner_steps: Sequence[int] | None) -> list[dict[str, Any]]:
+                  ways: int | None, inner_steps: Sequence[int] | None, head: str | None) -> list[dict[str, Any]]:
     state = ckpt.load_latest(run_dir)
     cfg = C.from_dict(state["config"])
+    if head is not None and head not in C.HEADS:
+        raise C.ConfigError(f"head: expected one of {', '.join(C.HEADS)}, got {head!r}")
     device = device_of(cfg.train.device)
-    ways = ways or (data.fixed_ways(benchmark) if benchmark else None)
+    ways = ways or (data.fixed_ways(benchmark) if benchmark else None) or cfg.eval.ways
     bench = make_benchmark(cfg, split, cfg.eval.seed, cfg.eval.meta_batch_size or cfg.train.meta_batch_size,
                            name=benchmark, root=data_root, ways=ways)
     info = state.get("info", {})
@@ -214,22 +156,9 @@ def _evaluate_run(run_dir: Path, split: str, tasks: int | None, benchmark: str |
         if mismatch:
             raise RunError(f"cannot evaluate a model trained on {cfg.benchmark.name} on {benchmark}: "
                            f"{'; '.join(mismatch)} (cross-domain evaluation needs the same input shape and task type)")
-    trained_ways = int(info.get("out_dim", bench.out_dim))
-    extra: dict[str, Any] = {}
-    try:
-        learner = make_learner(cfg, bench).to(device)
-        weights = state["learner"]
-        if bench.task_type == "classification" and bench.out_dim != trained_ways:
-            fitted = transfer_head(weights, learner.state_dict(), trained_ways, bench.out_dim)
-            # A learner with no tensor indexed by class (ProtoNet: prototypes from the support set) fits as it is.
-            resized = any(fitted[k].shape != weights[k].shape for k in fitted)
-            extra = {"ways": bench.out_dim, "trained_ways": trained_ways,
-                     "head": "mean of the trained rows" if resized else "support prototypes"}
-            weights = fitted
-        learner.load_state_dict(weights)
-    except RuntimeError as e:
-        raise RunError(f"the checkpoint does not fit the model built for {bench.name}: "
-                       f"{str(e).splitlines()[0]}") from e
+    trained_ways = int(info.get("out_dim", cfg.benchmark.ways))
+    learner, extra = evaluation_learner(cfg, bench, state["learner"], trained_ways, head)
+    learner = learner.to(device)
     n_tasks = tasks or cfg.eval.tasks
     limit = bench.num_tasks                         # a fixed set of tasks (Lake's 20 runs): never repeat one
     if limit is not None:
@@ -239,49 +168,28 @@ def _evaluate_run(run_dir: Path, split: str, tasks: int | None, benchmark: str |
         n_tasks = min(n_tasks, limit)
     steps = list(inner_steps) if inner_steps else cfg.eval_steps(bench.task_type)
     records = evaluate(learner, bench, n_tasks, steps, device,
-                       benchmark=bench.name, iteration=int(state["iteration"]))
-    records = [{**r, **extra} for r in records]
+                       benchmark=bench.name, iteration=int(state["iteration"]), **extra)
     append_records(run_dir, records)
     return records
-
-
-def transfer_head(trained: dict[str, torch.Tensor], target: dict[str, torch.Tensor], trained_ways: int,
-                  ways: int) -> dict[str, torch.Tensor]:
-    """A learner's state dict trained for ``trained_ways`` classes, made to fit one built for ``ways``.
-
-    Every tensor indexed by class (the head's weight and bias, their per-element inner rates, a plug-in's
-    class-sized head) gets ``ways`` rows, each the mean of its trained rows; everything else must fit as it is.
-    MAML's initial head is permutation-sensitive while the labels of an episode are an arbitrary permutation;
-    one shared row is its permutation-invariant form (Ye & Chao, "How to train your MAML to excel in few-shot
-    classification", ICLR 2022), and the inner steps then pull each class's row towards its support examples.
-    """
-    out = {}
-    for key, want in target.items():
-        have = trained.get(key)
-        if have is None:
-            raise RunError(f"the checkpoint has no {key!r}: it was written by another model or plug-in set")
-        if have.shape == want.shape:
-            out[key] = have
-        elif have.dim() >= 1 and have.shape[0] == trained_ways and have.shape[1:] == want.shape[1:] \
-                and want.shape[0] == ways:
-            out[key] = have.float().mean(dim=0, keepdim=True).to(have.dtype).expand_as(want).clone()
-        else:
-            raise RunError(f"cannot fit {key!r} of shape {tuple(have.shape)} to {tuple(want.shape)} for "
-                           f"{ways}-way episodes: only tensors indexed by class can change size")
-    return out
 
 
 __all__ = [
     "EVAL_FILE",
     "SCORES_FILE",
+    "RunError",
     "append_records",
+    "device_of",
     "evaluate",
     "evaluate_run",
     "format_table",
+    "make_benchmark",
+    "make_learner",
+    "make_model",
     "mean_ci95",
     "per_task_metric",
     "read_records",
     "read_scores",
     "record_scores",
     "scores_key",
+    "transfer_head",
 ]

@@ -307,6 +307,8 @@ def scores_key(record: dict[str, Any]) -> str:
     """The key of a record's per-task scores in ``scores.json``: what was scored, when, on which tasks."""
     parts = [record.get("benchmark", ""), record["split"], f"steps{record['inner_steps']}",
              f"iter{record.get('iteration', '')}", f"ways{record.get('ways', '')}", record.get("task_set", "")]
+    if record.get("head", "trained") != "trained":  # the same tasks scored with another starting head
+        parts.append(f"head{record['head']}")
     return "/".join(map(str, parts))
 
 

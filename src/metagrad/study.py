@@ -251,7 +251,7 @@ def _done(cfg: C.Config, run_dir: Path) -> bool:
 
 def check_cell(cfg: C.Config) -> str | None:
     """None if the learner can be built for this cell, else the reason it cannot (N/A)."""
-    from .evaluation import make_benchmark, make_learner
+    from .build import make_benchmark, make_learner
 
     try:
         bench = make_benchmark(cfg, "train", cfg.train.seed, cfg.train.meta_batch_size)

@@ -38,17 +38,10 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as D
+from .build import RunError, evaluation_learner, head_for, make_benchmark, make_learner
 from .chunks import meta_backward
 from .data import Benchmark
-from .evaluation import (
-    RunError,
-    append_records,
-    evaluate,
-    make_benchmark,
-    make_learner,
-    per_task_metric,
-    read_records,
-)
+from .evaluation import append_records, evaluate, per_task_metric, read_records
 from .learners import MAML
 from .rundir import (
     EVAL,
@@ -222,7 +215,7 @@ def train(config: C.Config, out_dir: str | os.PathLike[str], resume: bool = Fals
             if not dctx.is_main:
                 return RunResult(run_dir, done, rank=dctx.rank)
             assert s.test_bench is not None
-            return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot)
+            return _finish(cfg, run_dir, s.learner, s.test_bench, done, device, plot, int(s.info["out_dim"]))
     finally:
         D.teardown(dctx)   # a no-op after the normal end; on an error leave at once (a peer may be dead)
         torch.set_num_threads(threads)
@@ -297,9 +290,13 @@ def build(cfg: C.Config, device: torch.device, dctx: D.Context | None = None) ->
         learner = make_learner(cfg, bench).to(device)
     rng = ckpt.rng_state()  # built out of the old order: it must not move the initialisation or the trajectory
     with _allocating(cfg, "the evaluation split"):
-        test_bench = make_benchmark(cfg, e.split, e.seed, eval_batch)
+        test_bench = make_benchmark(cfg, e.split, e.seed, eval_batch, ways=e.ways)
     _probe(cfg, learner, bench, test_bench, device)
     ckpt.set_rng_state(rng)
+    if e.ways is not None and bench.task_type != "classification":
+        raise C.ConfigError(f"eval.ways applies to classification; {bench.name} is {bench.task_type}: leave it out")
+    if bench.task_type == "classification":
+        head_for(e.head, test_bench.out_dim, bench.out_dim, cfg.learner)  # a head that cannot serve them fails here
     s = _Session(bench, val_bench, learner, torch.optim.Adam(learner.parameters(), lr=t.meta_lr), Meter(),
                  info={"benchmark": bench.name, "x_shape": list(bench.x_shape), "out_dim": bench.out_dim,
                        "task_type": bench.task_type, "world_size": dctx.world},
@@ -644,19 +641,27 @@ def check_scores(records: list[dict[str, Any]]) -> None:
 
 
 def _finish(cfg: C.Config, run_dir: Path, learner: MAML, test: Benchmark, done: int, device: torch.device,
-            plot: bool) -> RunResult:
-    """Final evaluation on ``cfg.eval`` (skipped if this iteration was already evaluated) and the plot.
+            plot: bool, trained_ways: int) -> RunResult:
+    """Final evaluation on ``cfg.eval`` (skipped if this iteration was already evaluated) and the plot; at other
+    ways (``eval.ways``) or with another head (``eval.head``) by a learner built for them.
 
     Raises:
         NumericalError: a score is not finite (the records are kept in eval.json all the same).
     """
     e = cfg.eval
     result = RunResult(run_dir, done)
+    extra: dict[str, Any] = {}
+    if test.task_type == "classification":
+        extra = {"head": head_for(e.head, test.out_dim, trained_ways, cfg.learner)}
+        # The training learner serves its own ways and head (a ProtoNet's prototypes are its head at any ways).
+        if test.out_dim != trained_ways or (extra["head"] != "trained" and cfg.learner != "protonet"):
+            learner, extra = evaluation_learner(cfg, test, learner.state_dict(), trained_ways)
+            learner = learner.to(device)
     seen = any(r.get("iteration") == done and r.get("split") == e.split and r.get("benchmark") == test.name
                for r in read_records(run_dir))
     if not seen:
         result.records = evaluate(learner, test, e.tasks, cfg.eval_steps(test.task_type), device,
-                                  benchmark=test.name, iteration=done)
+                                  benchmark=test.name, iteration=done, **extra)
         append_records(run_dir, result.records)
         check_scores(result.records)
     if not plot:

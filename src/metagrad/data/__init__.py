@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .. import entry
 from .base import Benchmark, generator, stream_seed
 from .errors import DataError
 from .user import from_dataset, from_tensors
@@ -38,9 +39,16 @@ def register(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Be
 
 
 def available() -> list[str]:
-    """The registered benchmark names, sorted."""
+    """The registered benchmark names and those installed packages declare (entry points), sorted."""
     _load_all()
-    return sorted(_REGISTRY)
+    return entry.names(_REGISTRY, entry.BENCHMARKS_GROUP)
+
+
+def _factory(name: str) -> Callable[..., Benchmark]:
+    """The benchmark factory ``name`` stands for: a registered name, an import path ``package.module:factory``
+    or a name declared under the entry-point group ``metagrad.benchmarks`` (:mod:`metagrad.entry`)."""
+    _load_all()
+    return entry.resolve(name, _REGISTRY, entry.BENCHMARKS_GROUP, "benchmark")
 
 
 def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queries: int = 15,
@@ -48,7 +56,9 @@ def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queri
     """Build benchmark ``name`` for ``split``. Same arguments and seed → the same tasks, bit for bit.
 
     Args:
-        name: a registered benchmark (see :func:`available`).
+        name: a registered benchmark (see :func:`available`), an import path ``package.module:factory`` or an
+            entry point of group ``metagrad.benchmarks``; a user's factory gets the arguments below that its
+            signature names, and ``kwargs``.
         split: "train" | "val" | "test"; the three streams (or class sets) are disjoint.
         ways, shots, queries: N-way K-shot with Q query samples per class (regression uses shots/queries as
             point counts and ignores ways).
@@ -56,11 +66,16 @@ def create(name: str, split: str = "train", ways: int = 5, shots: int = 1, queri
         seed: the stream's seed.
         root: data folder for benchmarks that read files.
     """
-    _load_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](split=split, ways=ways, shots=shots, queries=queries,
-                           meta_batch_size=meta_batch_size, seed=seed, root=root, **kwargs)
+    build = _factory(name)
+    given = {"split": split, "ways": ways, "shots": shots, "queries": queries, "meta_batch_size": meta_batch_size,
+             "seed": seed, "root": root}
+    if name in _REGISTRY:  # a built-in takes every argument
+        return build(**given, **kwargs)
+    bench = entry.call(build, given, kwargs, "benchmark.kwargs")
+    if not isinstance(bench, Benchmark):
+        raise ValueError(  # noqa: TRY004 - the user's factory is at fault: a one-line config error
+            f"benchmark {name!r} returned a {type(bench).__name__}, not a metagrad.data.Benchmark")
+    return bench
 
 
 def arguments(name: str) -> tuple[str, ...] | None:
@@ -68,10 +83,7 @@ def arguments(name: str) -> tuple[str, ...] | None:
 
     Lets a caller refuse an unknown argument by name before building, instead of reading a ``TypeError``.
     """
-    _load_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
-    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    params = inspect.signature(_factory(name)).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
@@ -80,8 +92,7 @@ def arguments(name: str) -> tuple[str, ...] | None:
 def fixed_ways(name: str) -> int | None:
     """The number of ways benchmark ``name`` is fixed to (``fixed_ways`` of its class, e.g. 20 for Lake's
     one-shot runs), or None when episodes take any number."""
-    _load_all()
-    return getattr(_REGISTRY.get(name), "fixed_ways", None)
+    return getattr(_factory(name), "fixed_ways", None)
 
 
 def _load_all() -> None:

@@ -6,7 +6,7 @@ learning or feature reuse?", ICLR 2020 (ANIL, ``adapt="head"``); Oh, Yoo, Kim, Y
 Change for Few-shot Learning", ICLR 2021 (BOIL, ``adapt="body"``); Li et al., "Meta-SGD", 2017
 (``learn_inner_lr="per_element"``); Lee & Choi, "Gradient-Based Meta-Learning with Learned Layerwise Metric and
 Subspace", ICML 2018 (T-Net: a model wrapped by :class:`metagrad.models.TNet`, whose transforms no inner step
-adapts).
+adapts); Triantafillou et al., "Meta-Dataset", ICLR 2020 (Proto-MAML, ``head="prototype"``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from .. import functional as fn
 from .. import inner_lr as lr_rules
 from ..losses import per_sample_loss, task_accuracy
 from ..msl import MultiStepLoss
+from ..prototypes import PrototypeHead
 from ..seams import InnerContext, LearnerView, OuterContext, Plugin, map_tensors
 from ..tasks import TaskBatch
 from .base import MetaLossOutput, register
+
+# How each task's head starts: θ's own rows, or built from the task's support set (None: θ as it is).
+TASK_HEADS = {"trained": None, "prototype": PrototypeHead}
 
 
 @register("maml")
@@ -49,6 +53,13 @@ class MAML(nn.Module):
         multi_step_loss: MAML++ MSL: adds a :class:`~metagrad.msl.MultiStepLoss` outer term (the query loss after
             every inner step, weights annealed to the last one over ``msl_iterations`` meta-iterations, >= 1;
             without annealing, leave the option off). Its schedule follows :meth:`set_iteration`.
+        head: how each task's classifier head starts its inner loop: "trained" (θ's rows) or "prototype"
+            (Proto-MAML: rows 2·μ_c and biases −‖μ_c‖² from the task's support prototypes on the head's input
+            features, :mod:`metagrad.prototypes`; any number of ways, e.g. other ways than training's).
+
+    The model's normalisation layers must not track running statistics (``track_running_stats=False``): MAML
+    normalises with each batch's statistics in the inner loop and at the query, in training and evaluation
+    alike (Finn et al.'s reference code); a model that tracks them is refused with a one-line message.
 
     Example:
         >>> learner = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, loss="mse")
@@ -64,9 +75,12 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, inner_lr: float | lr_rules.InnerLR = 0.4, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False, adapt: str = "all",
                  loss: str = "cross_entropy", plugins: Sequence[Plugin] = (), learn_inner_lr: str = "fixed",
-                 multi_step_loss: bool = False, msl_iterations: int = 0) -> None:
+                 multi_step_loss: bool = False, msl_iterations: int = 0, head: str = "trained") -> None:
         super().__init__()
         checks.learner_options(adapt, loss, inner_steps, eval_inner_steps)
+        checks.model_norms(model)
+        if head not in TASK_HEADS:
+            raise ValueError(f"unknown head {head!r}: use one of {', '.join(TASK_HEADS)}")
         plugins = [*plugins, *([MultiStepLoss(msl_iterations)] if multi_step_loss else [])]
         self.model, self.inner_steps = model, int(inner_steps)
         self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)
@@ -79,6 +93,8 @@ class MAML(nn.Module):
         for p in self.plugins:
             checks.attach(p, self.view())
         self.needs_features = any(p.needs_features for p in self.plugins)
+        make_head = TASK_HEADS[head]
+        self.head, self.task_head = head, None if make_head is None else make_head(model, loss)
 
     def view(self) -> LearnerView:
         """What plug-ins see of this learner (:class:`~metagrad.seams.LearnerView`): ``attach`` and the contexts."""
@@ -111,6 +127,8 @@ class MAML(nn.Module):
             theta = {n: p.detach() for n, p in theta.items()}
         fast = fn.expand_tasks(theta, support_x.shape[0])
         ctx = InnerContext(self.view(), support_x, support_y, self.adapted, create_graph)
+        if self.task_head is not None:   # each task's own starting head, from its support set
+            fast = self.task_head(ctx, fast)
         states = [p.init_task(ctx) for p in self.plugins]
         step_losses = []
         for step in range(steps):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import POOLS
+from ..config import ConfigError
+from .registry import register
 
 BN_EPS = 1e-5
+POOLS = ("max", "stride", "none")
 
 
 class ConvBlock(nn.Module):
@@ -97,3 +99,15 @@ class Conv4(nn.Module):
         """The head's input from the last block's output ``[N, C, s, s]``: flattened, or averaged over the
         positions for ``pool="stride"`` (Finn et al.'s Omniglot network)."""
         return x.mean((2, 3)) if self.pool == "stride" else x.flatten(1)
+
+
+@register("conv4")
+def conv4(in_shape: tuple[int, ...], out_dim: int, width: int = 64, bias: bool = False, pool: str = "max") -> Conv4:
+    """``model.name = "conv4"``: :class:`Conv4` for ``[C, H, W]`` images; ``model.kwargs``: width, bias, pool."""
+    if len(in_shape) != 3:
+        raise ConfigError(f"model.name=conv4 needs [C, H, W] images, the inputs have shape {tuple(in_shape)}")
+    if pool not in POOLS:
+        raise ConfigError(f"model.kwargs.pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+    if width < 1:
+        raise ConfigError(f"model.kwargs.width: must be >= 1, got {width}")
+    return Conv4(in_shape[0], out_dim, width, bias, pool, image_size=in_shape[-1])

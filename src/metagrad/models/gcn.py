@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import ConfigError
+from .registry import bench_name, register
 
 
 class GCN(nn.Module):
@@ -163,6 +167,18 @@ def _check_ids(node_ids: torch.Tensor) -> None:
     # raises on its own for ids >= N.
     if node_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"GCN takes integer node ids, got dtype {node_ids.dtype}: pass a task's support_x/query_x")
+
+
+@register("gcn")
+def gcn(benchmark: Any, out_dim: int, hidden: int | Sequence[int] = 16, dropout: float = 0.0) -> GCN:
+    """``model.name = "gcn"``: :class:`GCN` over a graph benchmark's graph; ``model.kwargs``: hidden, dropout."""
+    graph = getattr(benchmark, "graph", None) if not isinstance(benchmark, Mapping) else benchmark.get("graph")
+    if graph is None:
+        raise ConfigError(f"model.name=gcn needs a graph benchmark (cora, citeseer), got {bench_name(benchmark)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.kwargs.dropout: a probability in [0, 1), got {dropout}")
+    hidden = hidden if isinstance(hidden, int) else tuple(hidden)
+    return GCN(graph.features, graph.adjacency, hidden=hidden, out_dim=out_dim, dropout=dropout)
 
 
 __all__ = ["GCN"]

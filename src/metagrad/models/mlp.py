@@ -8,6 +8,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from .registry import register
+
 
 class MLP(nn.Module):
     """Linear → ReLU → … → Linear, a plain ``nn.Module``.
@@ -50,3 +53,14 @@ class MLP(nn.Module):
             if i < n - 1:
                 x = torch.relu(h)
         return (h, x) if return_features else h
+
+
+@register("mlp")
+def mlp(in_shape: tuple[int, ...], out_dim: int, hidden: Sequence[int] = (40, 40)) -> MLP:
+    """``model.name = "mlp"``: :class:`MLP` for vector inputs; ``model.kwargs``: hidden (the widths)."""
+    if len(in_shape) != 1:
+        raise ConfigError(f"model.name=mlp needs vector inputs, the inputs have shape {tuple(in_shape)}")
+    hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
+        raise ConfigError(f"model.kwargs.hidden: expected a non-empty list of widths >= 1, got {list(hidden)}")
+    return MLP(in_shape[0], hidden, out_dim)

@@ -1,20 +1,25 @@
 """The model registry: a benchmark's base network by name, sized to the benchmark's shapes.
 
-A benchmark (anything with ``x_shape``, ``out_dim`` and, for a graph, ``graph``; or a mapping with those keys)
-gives the shapes; the models never import the data modules.
+A model is a factory (a function or a class) that returns an ``nn.Module``. It names what it needs of the
+benchmark in its signature, among ``in_shape`` (one input's shape, ``x_shape``), ``out_dim`` (ways, or the
+regression output size) and ``benchmark`` (the benchmark itself, e.g. for a graph), and takes its own arguments
+by keyword (``model.kwargs`` in a config). A built-in model is one file of this package that registers its
+factory with :func:`register`; a user's model is an import path ``package.module:factory`` or a name declared
+under the entry-point group ``metagrad.models`` (:mod:`metagrad.entry`). The models never import the data modules:
+a benchmark here is anything with ``x_shape`` and ``out_dim`` (or a mapping with those keys).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from .. import entry
 from ..config import ConfigError
-from .conv4 import Conv4
-from .gcn import GCN
-from .mlp import MLP
 from .tnet import TNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -23,20 +28,34 @@ WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {"tnet": TNet}
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: ``builder(bench, **kwargs) → nn.Module`` builds the model ``name`` for a benchmark."""
+    """Decorator: make the factory a built-in model under ``name`` (see the module docstring for its signature).
 
-    def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
+    Example:
+        >>> @register("tiny")
+        ... def tiny(in_shape, out_dim, hidden: int = 8):
+        ...     return MLP(in_shape[0], (hidden,), out_dim)
+    """
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = builder
-        return builder
+        _REGISTRY[name] = factory
+        return factory
 
     return deco
 
 
+def _load_all() -> None:
+    # Every module of this package that holds a model registers it on import.
+    for mod in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        if not mod.name.startswith("_") and mod.name != "registry":
+            importlib.import_module(f"{__package__}.{mod.name}")
+
+
 def available() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    """The built-in model names and those installed packages declare (entry points), sorted."""
+    _load_all()
+    return entry.names(_REGISTRY, entry.MODELS_GROUP)
 
 
 def wrappers() -> list[str]:
@@ -60,19 +79,30 @@ def auto_name(bench: Any) -> str:
     return "gcn" if _get(bench, "graph", None) is not None else "conv4"
 
 
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The factory ``name`` stands for: a built-in, an import path or an entry point ("auto" is not resolved)."""
+    _load_all()
+    return entry.resolve(name, _REGISTRY, entry.MODELS_GROUP, "model")
+
+
 def create(name: str, bench: Any, **kwargs: Any) -> nn.Module:
-    """The model ``name`` ("auto": :func:`auto_name`) sized to ``bench``: ``out_dim`` outputs, inputs from
-    ``x_shape``. ``kwargs`` are the model's own (mlp: hidden; conv4: width, bias, pool; gcn: hidden, dropout).
+    """The model ``name`` ("auto": :func:`auto_name`) sized to ``bench``: the factory gets ``in_shape``,
+    ``out_dim`` and ``benchmark`` where its signature names them, and ``kwargs`` (its own arguments, checked
+    against its signature: an unknown one is a one-line ConfigError).
 
     Example:
         >>> bench = metagrad.data.create("sinusoid", "train", shots=10, queries=10, meta_batch_size=4, seed=0)
         >>> create("mlp", bench, hidden=(40, 40))          # MLP(1, (40, 40), 1)
         >>> create("conv4", {"x_shape": (1, 28, 28), "out_dim": 5}, width=32)
+        >>> create("mypkg.nets:tinynet", bench, hidden=8)  # a user's model by import path
     """
     name = auto_name(bench) if name == "auto" else name
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(available())} or 'auto'")
-    return _REGISTRY[name](bench, **kwargs)
+    build = factory(name)
+    given = {"in_shape": tuple(_get(bench, "x_shape")), "out_dim": int(_get(bench, "out_dim")), "benchmark": bench}
+    model = entry.call(build, given, kwargs, "model.kwargs")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _get(bench: Any, key: str, default: Any = ...) -> Any:
@@ -82,30 +112,6 @@ def _get(bench: Any, key: str, default: Any = ...) -> Any:
     return value
 
 
-def _bench_name(bench: Any) -> str:
+def bench_name(bench: Any) -> str:
+    """The benchmark's name for a message ("this benchmark" when it has none)."""
     return str(_get(bench, "name", "this benchmark"))
-
-
-@register("mlp")
-def _mlp(bench: Any, hidden: Sequence[int] = (40, 40)) -> nn.Module:
-    x_shape = tuple(_get(bench, "x_shape"))
-    if len(x_shape) != 1:
-        raise ConfigError(f"model.name=mlp needs vector inputs, {_bench_name(bench)} has shape {x_shape}")
-    return MLP(x_shape[0], tuple(hidden), _get(bench, "out_dim"))
-
-
-@register("conv4")
-def _conv4(bench: Any, width: int = 64, bias: bool = False, pool: str = "max") -> nn.Module:
-    x_shape = tuple(_get(bench, "x_shape"))
-    if len(x_shape) != 3:
-        raise ConfigError(f"model.name=conv4 needs [C, H, W] images, {_bench_name(bench)} has shape {x_shape}")
-    return Conv4(x_shape[0], _get(bench, "out_dim"), width, bias, pool, image_size=x_shape[-1])
-
-
-@register("gcn")
-def _gcn(bench: Any, hidden: int | Sequence[int] = 16, dropout: float = 0.0) -> nn.Module:
-    graph = _get(bench, "graph", None)
-    if graph is None:
-        raise ConfigError(f"model.name=gcn needs a graph benchmark (cora, citeseer), got {_bench_name(bench)}")
-    hidden = hidden if isinstance(hidden, int) else tuple(hidden)
-    return GCN(graph.features, graph.adjacency, hidden=hidden, out_dim=_get(bench, "out_dim"), dropout=dropout)
