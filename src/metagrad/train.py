@@ -319,7 +319,7 @@ def _allocating(cfg: C.Config, what: str):
             raise
         cause = " ".join(str(e).split())[:160] or type(e).__name__
         raise C.ConfigError(f"cannot build {what} with this config on train.device={cfg.train.device} ({cause}): "
-                            "lower the sizes (model.hidden, model.width, benchmark.shots/queries, "
+                            "lower the sizes (model.kwargs, benchmark.shots/queries, "
                             "train.meta_batch_size, eval.meta_batch_size, plug-in sizes) or use another device"
                             ) from None
 
