@@ -13,6 +13,7 @@ Example:
 """
 
 from . import batched, data, methods, models  # batched: registers the models' task-batched forwards
+from .build import load
 from .chunks import meta_backward
 from .learners import MAML, MetaLossOutput, ProtoNet
 from .seams import InnerContext, LearnerView, OuterContext, Plugin
@@ -32,6 +33,7 @@ __all__ = [
            "__version__",
            "batched",
            "data",
+           "load",
            "meta_backward",
            "methods",
            "models",

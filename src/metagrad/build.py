@@ -13,10 +13,15 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import checkpoint as ckpt
 from . import config as C
 from . import data, entry, methods, models
 from .data import Benchmark
@@ -187,5 +192,74 @@ def device_of(name: str) -> torch.device:
     return device
 
 
-__all__ = ["RunError", "device_of", "evaluation_learner", "head_for", "make_benchmark", "make_learner", "make_model",
-           "transfer_head"]
+# ------------------------------------------------------------------------------------------------ loading a run
+@dataclass
+class Run:
+    """A trained run directory, loaded (:func:`load`): its config, and its learner with the weights of its latest
+    checkpoint and its plug-ins attached, in eval mode, ready for ``adapt``, ``predict`` and ``evaluate``."""
+
+    path: Path
+    config: C.Config
+    learner: MAML | ProtoNet
+    iteration: int               # meta-updates done at the checkpoint
+    trained_ways: int            # out_dim of training's benchmark (classes per task, for a classifier)
+    device: torch.device
+
+    def benchmark(self, split: str = "test", **overrides: Any) -> Benchmark:
+        """The run's benchmark for ``split``: its evaluation stream (``eval.seed``, ``eval.queries``, ``eval``'s
+        meta-batch size) unless ``overrides`` say otherwise: ``seed``, ``meta_batch_size``, or any
+        ``benchmark.*`` key (``ways``, ``shots``, ``queries``, ``data_root``, ``image_size``, ``kwargs``, ``name``).
+
+        Example:
+            >>> run.benchmark("test", ways=20, data_root="data/omniglot")
+        """
+        cfg = copy.deepcopy(self.config)
+        e = cfg.eval
+        seed = overrides.pop("seed", e.seed if split != "train" else cfg.train.seed)
+        batch = overrides.pop("meta_batch_size", e.meta_batch_size or cfg.train.meta_batch_size)
+        if "queries" in overrides:
+            e.queries = None
+        for key, value in overrides.items():
+            C.set_value(cfg, f"benchmark.{key}", value)
+        C.validate(cfg)
+        return make_benchmark(cfg, split, seed, batch)
+
+    def learner_for(self, bench: Benchmark, head: str | None = None) -> MAML | ProtoNet:
+        """A learner with these weights for ``bench``'s ways (``head`` as ``eval.head``: for other ways than
+        training's, "auto" starts each task from its support prototypes); ``.learner`` at training's ways."""
+        weights = self.learner.state_dict()
+        learner, _ = evaluation_learner(self.config, bench, weights, self.trained_ways, head)
+        return learner.to(self.device).eval()
+
+
+def load(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Run:
+    """Load a run directory written by ``metagrad train`` (or :func:`metagrad.train.train`) for use.
+
+    Rebuilds the benchmark's model and the learner from the run's config, through the same builder as training,
+    so a run on the user's own model or benchmark (an import path or an entry point) loads the same way when
+    that code can be imported. Reads only; a run still training may be loaded (its latest good checkpoint).
+
+    Example:
+        >>> run = metagrad.load("runs/omniglot")
+        >>> batch = run.benchmark("test").batch(0)
+        >>> fast = run.learner.adapt(batch.support_x[0], batch.support_y[0])
+        >>> pred = run.learner.predict(fast, batch.query_x[0]).argmax(-1)
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunError(f"run directory {str(path)!r} does not exist")
+    state = ckpt.load_latest(path)
+    cfg = C.from_dict(state["config"])
+    info = state.get("info", {})
+    bench = make_benchmark(cfg, cfg.eval.split, cfg.eval.seed, cfg.eval.meta_batch_size or cfg.train.meta_batch_size)
+    trained_ways = int(info.get("out_dim", bench.out_dim))
+    if bench.out_dim != trained_ways:   # eval.ways differs: size the model as training did
+        bench = make_benchmark(cfg, "train", cfg.train.seed, cfg.train.meta_batch_size)
+    learner = make_learner(cfg, bench)
+    _load(learner, state["learner"], bench)
+    device = torch.device(device)
+    return Run(path, cfg, learner.to(device).eval(), int(state["iteration"]), trained_ways, device)
+
+
+__all__ = ["Run", "RunError", "device_of", "evaluation_learner", "head_for", "load", "make_benchmark", "make_learner",
+           "make_model", "transfer_head"]
