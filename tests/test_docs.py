@@ -2,7 +2,8 @@
 
 The blocks of one guide run in order, in one temporary folder (a later block may use files an earlier one
 wrote, as a reader following the page would; that folder is on ``sys.path``): ```python blocks each in a fresh
-namespace, and the ``metagrad`` command lines of ```bash blocks through :func:`metagrad.cli.main`. Command lines
+namespace (a block whose first line is ``# file: NAME.py`` is also saved as that file, as the page tells the reader
+to do), and the ``metagrad`` command lines of ```bash blocks through :func:`metagrad.cli.main`. Command lines
 get ``CI_SETTINGS`` appended so that they take a few steps; other shell commands (``pip install ...``) are not run.
 """
 
@@ -67,6 +68,8 @@ def test_every_code_block_runs(guide: str, tmp_path: Path, monkeypatch: pytest.M
     try:
         for i, (lang, code) in enumerate(blocks(path.read_text())):
             if lang == "python":
+                if code.startswith("# file: "):
+                    Path(code.split("\n", 1)[0].removeprefix("# file: ").strip()).write_text(code)
                 exec(compile(code, f"docs/{guide} block {i}", "exec"), {"__name__": "__main__"})  # noqa: S102 (our docs)
                 ran += 1
             elif lang in ("bash", "sh", "shell", "console"):
