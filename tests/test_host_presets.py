@@ -92,3 +92,14 @@ def test_protonet_run_is_evaluated_at_other_ways_from_its_prototypes(tmp_path, c
     assert (last["ways"], last["trained_ways"], last["head"], last["inner_steps"]) == (10, 5, "prototype", 0)
     assert cli.main(["eval", str(out), "--steps", "1", "--tasks", "4"]) == 2
     assert "no inner loop" in capsys.readouterr().err
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_snell_protocol_trains_at_many_ways_and_tests_at_five(tmp_path):
+    out = tmp_path / "run"
+    small = [s for s in SMALL if not s.startswith("train.meta_batch_size")]
+    assert cli.main(["train", "--config", "protonet-omniglot-5w1s-snell", "--out-dir", str(out), "--no-progress",
+                     "--set", *small, "benchmark.ways=12"]) == 0
+    records = json.loads((out / "eval.json").read_text())
+    assert [(r["ways"], r["trained_ways"], r["inner_steps"], r["tasks"]) for r in records] == [(5, 12, 0, 4)]
