@@ -336,3 +336,21 @@ def test_killing_a_parallel_study_stops_its_workers(tmp_path):
     for w in left:  # do not leave them running when the test fails
         os.kill(w, signal.SIGKILL)
     assert not left, "the study's workers outlived it"
+
+
+def test_records_with_another_head_are_their_own_rows_and_exclude_takes_the_benchmark(tmp_path):
+    # A 5-way model scored on Lake's 20-way runs with two heads: the later record must not replace the earlier.
+    from metagrad import rundir as R
+    from metagrad.report import load_run, write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    R.write_config(run, C.resolve("sinusoid-5shot"))
+    base = {"split": "test", "metric": "accuracy", "inner_steps": 3, "tasks": 2, "ci95": 0.0, "iteration": 10}
+    R.append_records(run, [{**base, "benchmark": "lake", "head": "prototype", "mean": 0.8},
+                           {**base, "benchmark": "lake", "head": "mean", "mean": 0.6},
+                           {**base, "benchmark": "sinusoid", "mean": 0.9}])
+    got = {r["benchmark"]: r["mean"] for r in load_run(run, compute=False).records}
+    assert got == {"lake (prototype head)": 0.8, "lake (mean head)": 0.6, "sinusoid": 0.9}
+    text = write_report([run], tmp_path / "rep", compute=False, exclude=["lake"]).read_text()
+    assert "lake" not in text.split("## Test results")[1].split("##")[0]

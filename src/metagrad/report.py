@@ -195,8 +195,12 @@ def load_run(path: Path, compute: bool = True) -> Run | None:
         return None
     last = max(int(r.get("iteration", 0)) for r in records)
     final: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in records:  # the latest record per (benchmark, split, steps) at the last iteration
+    for r in records:  # the latest record per (benchmark, head, split, steps) at the last iteration
         if int(r.get("iteration", 0)) == last and r.get("split") == cfg.eval.split:
+            head = r.get("head")
+            if head not in (None, "trained"):   # another head is another view of the model: its own row
+                r = {**r, "view_of": r.get("benchmark", cfg.benchmark.name),
+                     "benchmark": f"{r.get('benchmark', cfg.benchmark.name)} ({head} head)"}
             final[(r.get("benchmark"), r["inner_steps"])] = r
     diag = R.read_diagnostics(path)
     if (diag is None or diag.get("iteration") != last) and compute and (path / R.CHECKPOINT).is_file():
@@ -573,7 +577,8 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     loaded = [(d, load_run(d, compute)) for d in dirs]
     runs = [r for _, r in loaded if r is not None]
     for run in runs:
-        run.records = [r for r in run.records if r.get("benchmark", run.cfg.benchmark.name) not in exclude]
+        run.records = [r for r in run.records
+                       if r.get("view_of", r.get("benchmark", run.cfg.benchmark.name)) not in exclude]
     pending = [d for d, r in loaded if r is None]
     rows = group(runs)
     na = not_applicable(roots)
