@@ -147,7 +147,7 @@ def _count(v: Any) -> bool:
 _TYPES: dict[str, tuple[Any, str]] = {
     "description": (lambda v: isinstance(v, str), "a string"),
     "presets": (lambda v: _names(v) and bool(v), "a non-empty list of preset names, e.g. [\"sinusoid-5shot\"]"),
-    "methods": (lambda v: _names(v) and bool(v), "a non-empty list of method names, e.g. [\"maml\", \"cml\"]"),
+    "methods": (lambda v: _names(v) and bool(v), "a non-empty list of method names (metagrad list methods)"),
     "seeds": (_count, "a whole number of seeds, e.g. 3"),
     "set": (_names, "a list of \"key=value\" strings"),
     "preset_set": (_table(_names), "a table: preset name = a list of \"key=value\" strings"),
