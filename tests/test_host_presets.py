@@ -23,6 +23,7 @@ needs_omniglot = pytest.mark.skipif(default_root("omniglot") is None, reason="sh
 
 def test_allowed_values_match_the_registries():
     assert config.LEARNERS == tuple(learners.available())
+    assert config.NO_INNER_LOOP == tuple(k for k in config.LEARNERS if not learners.learner_class(k).inner_loop)
     assert config.WRAPPERS == tuple(models.wrappers())
     assert config.ADAPT == tuple(functional.ADAPTED_ROLES)
 

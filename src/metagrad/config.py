@@ -37,6 +37,7 @@ class ConfigError(ValueError):
 
 # The allowed values of the fields that take a name; the modules that act on them import them from here.
 LEARNERS = ("maml", "protonet")                        # learners (their registry, metagrad.learners)
+NO_INNER_LOOP = ("protonet",)                          # learners whose `inner_loop` is False: scored after 0 steps
 WRAPPERS = ("tnet",)                                   # models.wrappers: T-Net
 ADAPT = ("all", "no_norm", "head", "body")             # maml, functional.ADAPTED_ROLES
 INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
@@ -167,9 +168,7 @@ class Config:
     @property
     def train_steps(self) -> int:
         """The inner-step count of meta-training: ``maml.inner_steps``, 0 for a learner without inner loop."""
-        from .learners import learner_class
-
-        return self.maml.inner_steps if getattr(learner_class(self.learner), "inner_loop", True) else 0
+        return 0 if self.learner in NO_INNER_LOOP else self.maml.inner_steps
 
     @property
     def test_steps(self) -> int:
@@ -177,9 +176,7 @@ class Config:
 
         The one place it is derived: training's validation, the final evaluation, the diagnostics and the report
         all read it here. A learner without inner loop (ProtoNet) is scored after 0 steps."""
-        from .learners import learner_class
-
-        if not getattr(learner_class(self.learner), "inner_loop", True):
+        if self.learner in NO_INNER_LOOP:
             return 0
         return self.maml.inner_steps if self.maml.eval_inner_steps is None else self.maml.eval_inner_steps
 
