@@ -301,6 +301,17 @@ def test_non_utf8_metrics_line_is_set_aside_by_name(done, tmp_path, capsys):
     assert "metrics.jsonl line 1" in err and "Traceback" not in err
 
 
+def test_report_names_a_non_utf8_metrics_line(done, tmp_path, capsys):
+    # The case: report (not --resume) on a metrics line that is not UTF-8 named no file before.
+    run = copy_of(done, tmp_path)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"\xff" + lines[0] + b"".join(lines[1:]))
+    assert main(["report", str(run), "--no-compute", "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: line 1" in err and "codec" not in err and "Traceback" not in err
+    assert (tmp_path / "rep" / "report.md").is_file()
+
+
 def test_string_scores_are_named(done, tmp_path, capsys):
     run = copy_of(done, tmp_path)
     scores = json.loads((run / "scores.json").read_text())
