@@ -3,7 +3,9 @@ code), directional finite differences, and the "every parameter gets a finite gr
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -209,3 +211,20 @@ def assert_directional_derivative(loss: Callable[[], torch.Tensor], params: Sequ
     analytic = sum((g * d).sum() for g, d in zip(grads, direction))
     numeric = directional_difference(loss, params, direction, eps)
     assert abs(numeric - analytic) / abs(analytic) < rel, (numeric.item(), analytic.item())
+
+
+# ------------------------------------------------------------------------------------------ run directories
+def one_line_error(capsys, *pieces: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("metagrad: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("metagrad: error: "), err
+    assert "Traceback" not in err and all(p in lines[0] for p in pieces), err
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))

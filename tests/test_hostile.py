@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import signal
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from metagrad import config as C
 from metagrad import rundir
 from metagrad.cli import main
 from metagrad.train import train
+from tests.helpers import copy_of, one_line_error, snapshot
 
 SMALL = ["train.iterations=4", "train.meta_batch_size=2", "train.log_every=2", "train.val_every=0",
          "train.checkpoint_every=2", "eval.tasks=4", "train.threads=1"]
@@ -30,28 +30,12 @@ def argv_train(out: Path, *items: str, config: str = "sinusoid-10shot") -> list[
     return ["train", "--config", config, "--out-dir", str(out), "--no-progress", *sets(*SMALL, *items)]
 
 
-def one_line_error(capsys, *pieces: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("metagrad: warning:")]
-    assert len(lines) == 1 and lines[0].startswith("metagrad: error: "), err
-    assert "Traceback" not in err and all(p in lines[0] for p in pieces), err
-    return lines[0]
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def done(tmp_path_factory) -> Path:
     """A finished 4-iteration sinusoid run (checkpoints at 2 and 4, evaluated, no plot)."""
     out = tmp_path_factory.mktemp("hostile") / "run"
     train(C.resolve("sinusoid-10shot", SMALL), out, progress=False, plot=False)
     return out
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 # ------------------------------------------------------------------------------------------ 1. meta_lr_min

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from metagrad import checkpoint as ckpt
 from metagrad import config as C
 from metagrad.cli import main
 from metagrad.train import train
+from tests.helpers import copy_of, one_line_error
 
 SMALL = ["train.iterations=4", "train.meta_batch_size=2", "train.log_every=2", "train.val_every=0",
          "train.checkpoint_every=2", "eval.tasks=4", "train.threads=1"]
@@ -37,28 +37,12 @@ def resume(run: Path, *extra: str) -> list[str]:
     return ["train", "--resume", "--out-dir", str(run), "--no-progress", *sets("train.iterations=6"), *extra]
 
 
-def one_line_error(capsys, *pieces: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("metagrad: warning:")]
-    assert len(lines) == 1 and lines[0].startswith("metagrad: error: "), err
-    assert "Traceback" not in err and all(p in lines[0] for p in pieces), err
-    return lines[0]
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def done(tmp_path_factory) -> Path:
     """A finished 4-iteration sinusoid run (checkpoints at 2 and 4, evaluated, no plot)."""
     out = tmp_path_factory.mktemp("files") / "run"
     train(C.resolve("sinusoid-10shot", SMALL), out, progress=False, plot=False)
     return out
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 @contextlib.contextmanager

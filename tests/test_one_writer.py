@@ -25,6 +25,7 @@ import metagrad
 from metagrad import config as C
 from metagrad.cli import main
 from metagrad.train import train
+from tests.helpers import one_line_error, snapshot
 
 SRC = Path(metagrad.__file__).resolve().parents[1]
 LOCK = ".metagrad.lock"
@@ -38,18 +39,6 @@ def sets(*items: str) -> list[str]:
 
 def argv_train(out: Path, *items: str) -> list[str]:
     return ["train", "--config", "sinusoid-10shot", "--out-dir", str(out), "--no-progress", *sets(*SMALL, *items)]
-
-
-def one_line_error(capsys, *pieces: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("metagrad: warning:")]
-    assert len(lines) == 1 and lines[0].startswith("metagrad: error: "), err
-    assert "Traceback" not in err and all(p in lines[0] for p in pieces), err
-    return lines[0]
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
