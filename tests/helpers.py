@@ -3,7 +3,9 @@ code), directional finite differences, and the "every parameter gets a finite gr
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -228,3 +230,21 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+class Hung(BaseException):
+    """Raised by :func:`deadline`: no ``except Exception`` (nor the command line's OSError handler) takes it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def expire(signum, frame):
+        raise Hung(f"still waiting after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

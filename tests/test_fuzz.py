@@ -31,6 +31,7 @@ from metagrad import checkpoint as ckpt
 from metagrad import config as C
 from metagrad.cli import main
 from metagrad.train import train
+from tests.helpers import Hung, deadline
 
 SEED = int(os.environ.get("METAGRAD_FUZZ_SEED", "0"))
 CONFIG_CASES, REAL_RUNS, FILE_CASES, STRUCTURE_CASES, STUDY_CASES = 220, 8, 60, 40, 30
@@ -174,20 +175,28 @@ def _file_cases(tmp: Path, capsys, rng: random.Random, failures: list[str]) -> d
                 "resume": ["train", "--resume", "--out-dir", str(run), "--no-progress"],
                 "report": ["report", str(run), "--no-compute", "--out", str(tmp / f"rep{i}")]}[command]
         code, err = _call(argv, capsys)
-        what = f"file case {i} ({name} {how}, {command})"
-        bad = _verdict(code, err)
-        if bad is None and code == 0 and command in ("eval", "resume") and not _finite_scores(run):
-            bad = "exit 0 with a non-finite score"
-        after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.candidates(run)}
-        if bad is None and any(after.get(k) != v for k, v in before.items()):
-            bad = "a usable checkpoint was changed or lost"
-        if bad is None and list(run.glob(".*tmp*")):
-            bad = "a temporary file was left behind"
-        if bad:
-            failures.append(f"{what}: {bad}: {err.strip()[-300:]}")
-        else:
-            tally["ok" if code == 0 else "refused"] += 1
+        _judge(f"file case {i} ({name} {how}, {command})", code, err, command, run, before, failures, tally)
     return tally
+
+
+def _judge(what: str, code: object, err: str, command: str, run: Path, before: dict[str, str],
+           failures: list[str], tally: dict[str, int]) -> None:
+    """One damaged-file or structure case: a failure unless it ended in one line or a clean exit, with finite
+    scores, every usable checkpoint as it was and no temporary file left; else counted ok or refused."""
+    bad = _verdict(code, err)
+    if bad is None and code == 0 and command in ("eval", "resume") and not _finite_scores(run):
+        bad = "exit 0 with a non-finite score"
+    if bad is None and command == "new" and code == 0:
+        bad = "a new run started over another run"
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.candidates(run)}
+    if bad is None and any(after.get(k) != v for k, v in before.items()):
+        bad = "a usable checkpoint was changed or lost"
+    if bad is None and list(run.glob(".*tmp*")):
+        bad = "a temporary file was left behind"
+    if bad:
+        failures.append(f"{what}: {bad}: {err.strip()[-300:]}")
+    else:
+        tally["ok" if code == 0 else "refused"] += 1
 
 
 # ------------------------------------------------------------------------------------------ structure (issue 40)
@@ -198,26 +207,6 @@ STRUCTURES = ["fifo", "directory", "link to a directory", "dangling link", "link
               "non-record lines"]
 
 
-class _Hung(BaseException):
-    """A case still running after its deadline (a FIFO waited on): a finding, never taken by ``except``."""
-
-
-def _deadline(seconds: int):
-    import contextlib
-    import signal
-
-    @contextlib.contextmanager
-    def ctx():
-        def expire(signum, frame):
-            raise _Hung(f"still running after {seconds} s")
-        old = signal.signal(signal.SIGALRM, expire)
-        signal.alarm(seconds)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
-    return ctx()
 
 
 def _restructure(path: Path, how: str) -> None:
@@ -259,25 +248,12 @@ def _structure_cases(tmp: Path, capsys, rng: random.Random, failures: list[str])
                 "new": ["train", "--config", "sinusoid-10shot", "--out-dir", str(run), "--no-progress",
                         *[a for s in SMALL for a in ("--set", s)]]}[command]
         try:
-            with _deadline(60):
+            with deadline(60):
                 code, err = _call(argv, capsys)
-        except _Hung as e:
+        except Hung as e:
             code, err = f"hung: {e}", capsys.readouterr().err
-        what = f"structure case {i} ({name} {how}, {command})"
-        bad = _verdict(code, err)
-        if bad is None and code == 0 and command in ("eval", "resume") and not _finite_scores(run):
-            bad = "exit 0 with a non-finite score"
-        if bad is None and command == "new" and code == 0:
-            bad = "a new run started over another run"
-        after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.candidates(run)}
-        if bad is None and any(after.get(k) != v for k, v in before.items()):
-            bad = "a usable checkpoint was changed or lost"
-        if bad is None and list(run.glob(".*tmp*")):
-            bad = "a temporary file was left behind"
-        if bad:
-            failures.append(f"{what}: {bad}: {err.strip()[-300:]}")
-        else:
-            tally["ok" if code == 0 else "refused"] += 1
+        _judge(f"structure case {i} ({name} {how}, {command})", code, err, command, run, before, failures,
+               tally)
     return tally
 
 

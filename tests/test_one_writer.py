@@ -25,7 +25,7 @@ import metagrad
 from metagrad import config as C
 from metagrad.cli import main
 from metagrad.train import train
-from tests.helpers import one_line_error, snapshot
+from tests.helpers import deadline, one_line_error, snapshot
 
 SRC = Path(metagrad.__file__).resolve().parents[1]
 LOCK = ".metagrad.lock"
@@ -53,22 +53,6 @@ def copy_of(run: Path, tmp_path: Path, name: str = "run") -> Path:
     return Path(shutil.copytree(run, tmp_path / name))
 
 
-class Hung(BaseException):
-    """Raised by :func:`deadline`: no ``except Exception`` (nor the command line's OSError handler) takes it."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
-    def expire(signum, frame):
-        raise Hung(f"still waiting after {seconds} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @contextlib.contextmanager
