@@ -70,6 +70,12 @@ def test_only_names_cells_or_says_which_exist(tmp_path, capsys):
     grid = cells(study(), tmp_path)
     assert [(c.method, c.seed) for c in select(grid, ["meta_gna", "maml:1"])] == [
         ("maml", 1), ("meta_gna", 0), ("meta_gna", 1)]
+    two = cells(Study(name="two", presets=["sinusoid-5shot", "sinusoid-10shot"], methods=["maml"], seeds=2),
+                tmp_path)
+    assert [(c.preset, c.seed) for c in select(two, ["sinusoid-10shot/maml:1", "sinusoid-5shot/maml"])] == [
+        ("sinusoid-5shot", 0), ("sinusoid-5shot", 1), ("sinusoid-10shot", 1)]
+    with pytest.raises(C.ConfigError, match="names no cell"):
+        select(two, ["sinusoid-20shot/maml:0"])
     with pytest.raises(C.ConfigError, match=r"--only 'cml:0' names no cell .*maml:0"):
         select(grid, ["cml:0"])
     assert main(["study", "issue21-omniglot-finn", "--only", "maml:7", "--out", str(tmp_path / "s")]) == 2

@@ -8,7 +8,7 @@
                    [--head auto|trained|prototype|mean] [--data-root DIR]
     metagrad list  [learners|methods|models|benchmarks|presets]
     metagrad study NAME_OR_TOML [--seeds 3] [--out runs/study-NAME] [--set key=value ...] [--jobs 1]
-                   [--keep results/NAME] [--only METHOD[:SEED] ...]
+                   [--keep results/NAME] [--only [PRESET/]METHOD[:SEED] ...]
     metagrad report RUN_OR_STUDY_DIR ... [--out DIR] [--family PREREGISTRATION.md] [--exclude BENCHMARK]
 
 Bad input (unknown preset or key, a value of the wrong type, a run directory that exists, a corrupt
@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-report", action="store_true", help="skip the report at the end")
     st.add_argument("--keep", metavar="DIR", help="copy each finished cell's small results (config, records, "
                     "per-task scores, curve; no checkpoints) to DIR as it finishes; skip cells DIR holds already")
-    st.add_argument("--only", action="append", default=[], metavar="METHOD[:SEED]",
-                    help="run only these cells (repeatable), e.g. --only maml:0 --only maml:2")
+    st.add_argument("--only", action="append", default=[], metavar="[PRESET/]METHOD[:SEED]",
+                    help="run only these cells (repeatable), e.g. --only maml:0 --only maml:2 "
+                         "--only anil-omniglot-5w1s-cpu/trlearner:1")
 
     rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")

@@ -216,12 +216,15 @@ def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[C
 
 
 def select(grid: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
-    """The cells of ``grid`` named by ``only`` (``METHOD`` or ``METHOD:SEED``); ConfigError for a name of none."""
+    """The cells of ``grid`` named by ``only`` (``[PRESET/]METHOD[:SEED]``, e.g. ``maml:0`` in every preset,
+    ``anil-omniglot-5w1s-cpu/trlearner:1`` in one); ConfigError for a name of none."""
     chosen: set[int] = set()
     for name in only:
-        method, _, seed = name.strip().partition(":")
+        preset, _, rest = name.strip().rpartition("/")
+        method, _, seed = rest.partition(":")
         label = method_label(method_plugins(method))
-        hits = {i for i, c in enumerate(grid) if c.method == label and (not seed or str(c.seed) == seed.strip())}
+        hits = {i for i, c in enumerate(grid) if c.method == label and (not seed or str(c.seed) == seed.strip())
+                and (not preset or c.preset == preset.strip())}
         if not hits:
             names = sorted({f"{c.method}:{c.seed}" for c in grid})
             raise C.ConfigError(f"--only {name!r} names no cell of the study (cells: {', '.join(names)})")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 39's numbers: each host alone and with its plug-in (studies hosts-trlearner-omniglot, cml-boil-omniglot,
+# protonet-snell-omniglot), one cell per core, on this checkout's code.
+# 1. pilot: a host's seed-0 cell trained to N on validation only (benchmarks/pilot.py), in its study directory;
+#    raise N by the study's ladder until the plateau criterion holds, then write N into the study's [preset_set].
+# 2. cells: the study's cells, each trained (or resumed from the pilot), its test tasks scored once and its small
+#    results kept in results/<study>/ (metagrad study --keep), so the queue resumes across sessions. A cell is
+#    started only when MINUTES (its estimated wall time) fits before DEADLINE (seconds since the epoch).
+#
+#   bash benchmarks/hosts.sh pilot cml-boil-omniglot boil-omniglot-5w1s-cpu 2000
+#   DEADLINE=$(date -d '+150 min' +%s) bash benchmarks/hosts.sh cells cml-boil-omniglot 60 \
+#       boil-omniglot-5w1s-cpu/maml:1 boil-omniglot-5w1s-cpu/cml:0
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=$ROOT/.venv/bin/python
+L=$ROOT/runs/logs
+mkdir -p "$L"
+cd "$ROOT" || exit 2
+export METAGRAD_CACHE=${METAGRAD_CACHE:-$ROOT/runs/cache} OMP_NUM_THREADS=1
+DEADLINE=${DEADLINE:-9999999999}
+what=$1 study=$2; shift 2
+case $what in
+  pilot)
+    echo "$(date -u +%FT%TZ) pilot $1 to $2 ($(git rev-parse --short HEAD))" >> "$L/$study.log"
+    "$PY" benchmarks/pilot.py "$study" "runs/$study" "$@" >> "$L/$study.log" 2>&1
+    echo "$(date -u +%FT%TZ) pilot $1 to $2: exit $?" >> "$L/$study.log" ;;
+  cells)
+    minutes=$1; shift
+    for c in "$@"; do
+      if [ $(( $(date +%s) + 60 * minutes )) -gt "$DEADLINE" ]; then
+        echo "$(date -u +%FT%TZ) $c: ~$minutes min does not fit before the deadline, left for later" >> "$L/$study.log"
+        continue
+      fi
+      echo "$(date -u +%FT%TZ) $c: training ($(git rev-parse --short HEAD))" >> "$L/$study.log"
+      "$ROOT/.venv/bin/metagrad" study "$study" --out "runs/$study" --keep "results/$study" --only "$c" \
+          --no-report >> "$L/$study.log" 2>&1
+      echo "$(date -u +%FT%TZ) $c: exit $?" >> "$L/$study.log"
+    done ;;
+  *) echo "usage: hosts.sh pilot|cells STUDY ..." >&2; exit 2 ;;
+esac
