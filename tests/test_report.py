@@ -116,6 +116,18 @@ def test_row_statistics_take_the_seed_as_the_unit():
     assert s.values.shape == (3, 50) and s.seeds == [0, 1, 2] and s.task_set == "abc"
 
 
+def test_a_row_without_plug_ins_is_named_by_its_learner():
+    scores = np.full((2, 5), 0.9)
+    alone, trl = fake_row("maml", scores), fake_row("trlearner", scores)
+    assert (alone.name, trl.name) == ("maml", "trlearner")
+    for run in alone.runs + trl.runs:
+        run.cfg.learner = "protonet"
+    assert (alone.name, trl.name) == ("protonet", "trlearner")
+    header, cells = tables([alone, trl], [])[0][1:]
+    assert [c[header.index("method")] for c in cells] == ["protonet", "trlearner"]
+    assert cells[0][header.index("vs MAML: difference [95% CI]")] == "(reference)"   # still the reference row
+
+
 def test_rotations_of_the_held_out_classes_join_per_seed():
     rng = np.random.default_rng(3)
     per_fold = 0.6 + 0.1 * rng.standard_normal((4, 3, 20))            # [folds, seeds, tasks]

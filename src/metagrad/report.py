@@ -101,7 +101,11 @@ class Row:
 
     @property
     def name(self) -> str:
-        return f"{self.method} {self.variant}".strip()
+        """The method as the tables show it: a row without plug-ins is named by its learner (``maml``, or
+        ``protonet`` for a ProtoNet alone), a plug-in row by its plug-ins."""
+        learner = self.runs[0].cfg.learner if self.runs else "maml"
+        method = learner if self.method == "maml" else self.method
+        return f"{method} {self.variant}".strip()
 
     def stats(self) -> dict[tuple[str, int], Stat]:
         """(evaluated benchmark, inner steps) → statistics over the row's seeds (computed once per row: the
