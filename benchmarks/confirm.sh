@@ -11,8 +11,9 @@
 set -u
 . "$(dirname "$0")/issue21_env.sh"
 DEADLINE=${DEADLINE:-9999999999}
-# minutes of wall time on two ranks of an otherwise idle 2-core machine (issue 21: 2 h at α 0.01 × 5), times 1.5
-minutes() { case $1 in a001x5) echo 190 ;; finn:trlearner) echo 100 ;; finn:*) echo 55 ;; a05x1:*) echo 40 ;; esac; }
+# minutes of wall time on two ranks of an otherwise idle 2-core machine (issue 21: 2 h at α 0.01 × 5; α 0.5 × 1: 13-19
+# min measured), times 1.5
+minutes() { case $1 in a001x5) echo 190 ;; finn:trlearner) echo 100 ;; finn:*) echo 55 ;; a05x1:*) echo 30 ;; esac; }
 kept() {  # $1 setting, $2 method:seed → 0 when results/confirm-$1 holds the cell's test records
   [ -f "results/confirm-$1/study.json" ] && "$PY" -c "import json, sys
 cells = json.load(open('results/confirm-$1/study.json')).get('cells', [])
