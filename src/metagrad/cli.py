@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-task scores, curve; no checkpoints) to DIR as it finishes; skip cells DIR holds already")
     st.add_argument("--only", action="append", default=[], metavar="[PRESET/]METHOD[:SEED]",
                     help="run only these cells (repeatable), e.g. --only maml:0 --only maml:2 "
-                         "--only anil-omniglot-5w1s-cpu/trlearner:1")
+                         "--only sinusoid-10shot/maml:1")
 
     rp = sub.add_parser("report", help="Markdown/HTML tables and plots of run directories or study folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY_DIR")

@@ -217,7 +217,7 @@ def cells(study: Study, out_dir: str | Path, seeds: int | None = None) -> list[C
 
 def select(grid: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
     """The cells of ``grid`` named by ``only`` (``[PRESET/]METHOD[:SEED]``, e.g. ``maml:0`` in every preset,
-    ``anil-omniglot-5w1s-cpu/trlearner:1`` in one); ConfigError for a name of none."""
+    ``sinusoid-10shot/maml:1`` in one); ConfigError for a name of none."""
     chosen: set[int] = set()
     for name in only:
         preset, _, rest = name.strip().rpartition("/")
