@@ -38,9 +38,10 @@ def main() -> None:
     run_dir = Path(cell.run_dir)
     torch.set_num_threads(cfg.train.threads or 1)
     train(cfg, run_dir, resume=ckpt.path_of(run_dir).is_file(), progress=False, plot=False)
-    curve = [(m["iteration"], m["val_accuracy"]) for m in read_metrics(run_dir) if "val_accuracy" in m]
+    metrics = read_metrics(run_dir)
+    curve = [(m["iteration"], m["val_accuracy"]) for m in metrics if "val_accuracy" in m]
     print(f"{args.preset} {args.cell}: validation " + " / ".join(f"{i}: {100 * a:.2f}%" for i, a in curve))
-    p = plateau(read_metrics(run_dir))
+    p = plateau(metrics)
     if p is not None:
         print(f"plateau at {p.end}: {100 * p.before:.2f} -> {100 * p.after:.2f}% from {p.start}, "
               f"{100 * p.gain:+.2f} points: {p.status}")

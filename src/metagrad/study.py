@@ -226,7 +226,8 @@ def select(grid: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
         hits = {i for i, c in enumerate(grid) if c.method == label and (not seed or str(c.seed) == seed.strip())
                 and (not preset or c.preset == preset.strip())}
         if not hits:
-            names = sorted({f"{c.method}:{c.seed}" for c in grid})
+            several = len({c.preset for c in grid}) > 1    # then a name may need its preset: show them
+            names = sorted({f"{c.preset + '/' if several else ''}{c.method}:{c.seed}" for c in grid})
             raise C.ConfigError(f"--only {name!r} names no cell of the study (cells: {', '.join(names)})")
         chosen |= hits
     return [c for i, c in enumerate(grid) if i in chosen]
