@@ -273,6 +273,18 @@ def test_step_meta_lr_schedule():
             C.resolve("sinusoid-10shot", [f"train.meta_lr_step_at={bad}"])
 
 
+def test_halving_meta_lr_schedule_does_not_depend_on_the_budget():
+    from metagrad.train import meta_lr
+
+    sets = ["train.meta_lr=1e-3", "train.meta_lr_schedule=halving", "train.meta_lr_halve_every=2000"]
+    short, long = (C.resolve("sinusoid-10shot", [f"train.iterations={n}", *sets]).train for n in (4000, 20000))
+    assert [meta_lr(short, i) for i in (0, 1999, 2000, 3999)] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert all(meta_lr(short, i) == meta_lr(long, i) for i in range(0, 4000, 250))
+    assert meta_lr(long, 19_999) == 1e-3 / 2 ** 9
+    with pytest.raises(C.ConfigError, match="meta_lr_halve_every"):
+        C.resolve("sinusoid-10shot", ["train.meta_lr_halve_every=0"])
+
+
 def test_cosine_schedule_is_applied_logged_and_resumes_bit_for_bit(tmp_path):
     cfg = tiny("train.meta_lr_schedule=cosine", "train.meta_lr=1e-2", "train.meta_lr_min=1e-4")
     whole, broken = tmp_path / "whole", tmp_path / "broken"

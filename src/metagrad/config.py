@@ -41,7 +41,7 @@ NO_INNER_LOOP = ("protonet",)                          # learners whose `inner_l
 WRAPPERS = ("tnet",)                                   # models.wrappers: T-Net
 ADAPT = ("all", "no_norm", "head", "body")             # maml, functional.ADAPTED_ROLES
 INNER_LR_MODES = ("fixed", "per_step", "per_element")  # inner_lr
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "step", "halving")
 PRECISIONS = ("fp32", "bf16")
 SPLITS = ("train", "val", "test")
 HEADS = ("auto", "trained", "prototype", "mean")     # evaluation.heads
@@ -108,12 +108,16 @@ class TrainConfig:
     meta_lr: float = _f(1e-3, positive=True, f32=True)  # Adam step size on θ and the plug-ins' parameters
     meta_lr_schedule: str = _f("constant", choices=SCHEDULES)  # constant | cosine: anneal meta_lr to meta_lr_min
                                         # over `iterations` (MAML++'s cosine annealing, Antoniou et al. 2019) |
-                                        # step: meta_lr, then meta_lr_min from iteration meta_lr_step_at · iterations on
+                                        # step: meta_lr, then meta_lr_min from iteration meta_lr_step_at · iterations on |
+                                        # halving: halved every meta_lr_halve_every iterations
     meta_lr_min: float = _f(1e-5, min=0, f32=True, why="the schedule's last step size")  # the cosine schedule's final step
                                         # size (MAML++: 1e-5), the step schedule's second one; a negative one would
                                         # be gradient ascent
     meta_lr_step_at: float = _f(0.8, min=0, max=1, why="a fraction of train.iterations")  # step schedule: the
                                         # fraction of `iterations` at which it drops
+    meta_lr_halve_every: int = _f(2000, min=1)  # halving schedule: meta_lr · 0.5^⌊it / this⌋ (Snell et al.
+                                        # 2017: every 2,000 episodes); independent of `iterations`, so a longer
+                                        # budget continues the same trajectory
     seed: int = _f(0, min=0)            # model initialisation and the training task stream
     grad_clip: float | None = _f(None, positive=True)  # clip the meta-gradient's global norm; None: no clipping
     log_every: int = _f(100, min=1)     # iterations per metrics.jsonl line (values averaged over the window)

@@ -347,10 +347,14 @@ def meta_lr(t: C.TrainConfig, it: int) -> float:
     """The meta step size of iteration ``it`` (0-based): ``meta_lr``, or with ``meta_lr_schedule="cosine"``
     (MAML++, Antoniou et al., "How to train your MAML", ICLR 2019) ``meta_lr_min + (meta_lr − meta_lr_min) ·
     (1 + cos(π·it/iterations))/2``, or with ``"step"`` ``meta_lr`` until ``meta_lr_step_at · iterations``, then
-    ``meta_lr_min`` (the classic late drop of the step size once the accuracy plateaus). A function of the
-    iteration alone, so a resumed run takes the same steps."""
+    ``meta_lr_min`` (the classic late drop of the step size once the accuracy plateaus), or with ``"halving"``
+    ``meta_lr · 0.5^⌊it / meta_lr_halve_every⌋`` (Snell et al., "Prototypical Networks for Few-shot Learning",
+    NeurIPS 2017: halved every 2,000 episodes; it does not depend on ``iterations``, so a longer budget continues
+    the same trajectory). A function of the iteration alone, so a resumed run takes the same steps."""
     if t.meta_lr_schedule == "constant":
         return t.meta_lr
+    if t.meta_lr_schedule == "halving":
+        return t.meta_lr * 0.5 ** (it // t.meta_lr_halve_every)
     if t.meta_lr_schedule == "step":
         return t.meta_lr if it < t.meta_lr_step_at * t.iterations else t.meta_lr_min
     return t.meta_lr_min + (t.meta_lr - t.meta_lr_min) * (1 + math.cos(math.pi * it / t.iterations)) / 2
