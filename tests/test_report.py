@@ -125,7 +125,7 @@ def test_a_row_without_plug_ins_is_named_by_its_learner():
     assert (alone.name, trl.name) == ("protonet", "trlearner")
     header, cells = tables([alone, trl], [])[0][1:]
     assert [c[header.index("method")] for c in cells] == ["protonet", "trlearner"]
-    assert cells[0][header.index("vs MAML: difference [95% CI]")] == "(reference)"   # still the reference row
+    assert cells[0][header.index("vs host alone: difference [95% CI]")] == "(reference)"   # still the reference row
 
 
 def test_rotations_of_the_held_out_classes_join_per_seed():

@@ -11,7 +11,7 @@ Statistics (:mod:`metagrad.stats`), per row and evaluated (benchmark, inner step
   row whose runs rotate the held-out classes (``benchmark.kwargs.fold``, graphs) joins each seed's folds in fold
   order, so a seed's mean is the mean over the rotations and its tasks are every fold's;
 - the row: the mean of the per-seed means ± the 95% t-interval over seeds (none with one seed);
-- against MAML: the difference of the means with its 95% interval and p-value from the paired t-test on the
+- against the host alone (MAML, or ProtoNet for a ProtoNet): the difference of the means with its 95% interval and p-value from the paired t-test on the
   per-seed mean differences over the same test tasks (equal ``task_set`` digests; seeds paired by
   ``train.seed``, Welch when the seeds differ), :func:`metagrad.stats.compare`. The p-values of every
   comparison in the report form one family, adjusted by Holm's method; ``▲``/``▼`` (better / worse) only
@@ -385,7 +385,7 @@ def verdict_steps(row: Row) -> set[int]:
 
 def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, cells) of the report's tables; rendered to Markdown and HTML alike."""
-    head = ["benchmark", "method", "metric", "mean ± 95% CI (seeds)", "vs MAML: difference [95% CI]",
+    head = ["benchmark", "method", "metric", "mean ± 95% CI (seeds)", "vs host alone: difference [95% CI]",
             "p (Holm)", "verdict", "per-seed means", "tasks", "seeds", "iterations", "train wall s/seed"]
     main, steps_rows = [], []
     comps = comparisons(rows)
@@ -433,12 +433,12 @@ def tables(rows: Sequence[Row], na: Sequence[NotApplicable]) -> list[tuple[str, 
         main.append([n.preset, n.method, "–", "N/A (see below)", "–", "–", "–", "–", "–", str(n.seeds), "–", "–"])
     main.sort(key=lambda cells: cells[0].split(" → ")[0])  # stable: N/A rows join their benchmark's rows
     family = sum(not math.isnan(adj) for _, adj, _ in comps.values())
-    title = (f"Test results (final evaluation, over seeds; a family of {family} comparisons with MAML, "
-             "Holm-adjusted)")
+    title = (f"Test results (final evaluation, over seeds; a family of {family} comparisons with the host "
+             "alone, Holm-adjusted)")
     out = [(title, head, main)]
     if steps_rows:
-        title = ("Test metric after each reported number of inner steps (▲/▼/n.s.: against MAML after as many, "
-                 "the difference and Holm-adjusted p of the same family)")
+        title = ("Test metric after each reported number of inner steps (▲/▼/n.s.: against the host alone after "
+                 "as many, the difference and Holm-adjusted p of the same family)")
         out.append((title,
                     ["benchmark", "method", "steps: mean ± 95% CI"], steps_rows))
     curves = plateau_rows(rows)
@@ -554,13 +554,14 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>metagrad r
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>"
              "</head><body><h1>metagrad report</h1>")
 RULE = ("The seed is the unit of replication. Each row: the mean of its per-seed means ± the 95% t-interval "
-        "over seeds. Against MAML: the difference of the means with its 95% interval and p from the paired t-test "
+        "over seeds. Against the host alone (the same learner without plug-ins: MAML, or ProtoNet for a "
+        "ProtoNet): the difference of the means with its 95% interval and p from the paired t-test "
         "on the per-seed mean differences over the same test tasks (seeds paired by train.seed; Welch when the "
         "seeds differ); the p-values of every comparison at a row's test step count form one exploratory family "
         "over the whole report, Holm-adjusted (other step counts, e.g. 0 or the training count, are descriptive). ▲/▼ "
-        "only where the adjusted p < 0.05, else n.s. The MAML row is the one with the method's config apart "
+        "only where the adjusted p < 0.05, else n.s. The host row is the one with the method's config apart "
         "from the plug-ins when there is one (named in the column, e.g. vs maml [maml.adapt=\"no_norm\"]), else "
-        "the preset's plain MAML row.")
+        "the preset's row without plug-ins.")
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None, compute: bool = True,
