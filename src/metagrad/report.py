@@ -11,13 +11,14 @@ Statistics (:mod:`metagrad.stats`), per row and evaluated (benchmark, inner step
   row whose runs rotate the held-out classes (``benchmark.kwargs.fold``, graphs) joins each seed's folds in fold
   order, so a seed's mean is the mean over the rotations and its tasks are every fold's;
 - the row: the mean of the per-seed means ± the 95% t-interval over seeds (none with one seed);
-- against the host alone (MAML, or ProtoNet for a ProtoNet): the difference of the means with its 95% interval and p-value from the paired t-test on the
-  per-seed mean differences over the same test tasks (equal ``task_set`` digests; seeds paired by
-  ``train.seed``, Welch when the seeds differ), :func:`metagrad.stats.compare`. The p-values of every
-  comparison in the report form one family, adjusted by Holm's method; ``▲``/``▼`` (better / worse) only
-  where the adjusted p < 0.05, else ``n.s.``. The MAML row compared with is the one whose resolved config
-  equals the method's apart from the seed and the plug-ins, when the runs hold one (e.g. MAML with
-  ``maml.adapt=no_norm`` for CxGrad run that way), else the preset's plain MAML row.
+- against the host alone (MAML, or ProtoNet for a ProtoNet): the difference of the means with its 95% interval
+  and p-value from the paired t-test on the per-seed mean differences over the same test tasks (equal
+  ``task_set`` digests; seeds paired by ``train.seed``, Welch when the seeds differ),
+  :func:`metagrad.stats.compare`. The p-values of every comparison in the report form one family, adjusted by
+  Holm's method; ``▲``/``▼`` (better / worse) only where the adjusted p < 0.05, else ``n.s.``. The host row
+  compared with is the one whose resolved config equals the method's apart from the seed and the plug-ins,
+  when the runs hold one (e.g. MAML with ``maml.adapt=no_norm`` for CxGrad run that way), else the preset's row
+  without plug-ins.
 
 Example:
     >>> write_report(["runs/study-issue7-cpu"], "runs/study-issue7-cpu/report")
