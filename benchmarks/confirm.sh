@@ -10,7 +10,6 @@
 #   bash benchmarks/confirm.sh finn maml:3 meta_gna:3                       # chosen cells of one setting
 set -u
 . "$(dirname "$0")/issue21_env.sh"
-DEADLINE=${DEADLINE:-9999999999}
 # minutes of wall time on two ranks of an otherwise idle 2-core machine (issue 21: 2 h at α 0.01 × 5; α 0.5 × 1: 13-19
 # min measured), times 1.5
 minutes() { case $1 in a001x5) echo 190 ;; finn:trlearner) echo 100 ;; finn:*) echo 55 ;; a05x1:*) echo 30 ;; esac; }
@@ -23,10 +22,7 @@ cell() {  # $1 setting (a001x5 | finn | a05x1), $2 method:seed
   local study=confirm-omniglot-$1 out=confirm-$1 est
   kept "$1" "$2" && return 0
   est=$(minutes "$1:${2%%:*}"); [ -z "$est" ] && est=$(minutes "$1")
-  if [ $(( $(date +%s) + 60 * est )) -gt "$DEADLINE" ]; then
-    echo "$(date -u +%FT%TZ) $2 ($1): ~$est min does not fit before the deadline, left for later" >> "$L/$out.log"
-    return 0
-  fi
+  fits "$est" "$L/$out.log" "$2 ($1)" || return 0
   echo "$(date -u +%FT%TZ) $2 ($1): training on 2 ranks" >> "$L/$out.log"
   PYTHONPATH="$FROZEN/src" OMP_NUM_THREADS=1 "$ROOT/.venv/bin/torchrun" --nproc-per-node 2 \
       benchmarks/issue21_ddp.py "src/metagrad/configs/studies/$study.toml" "runs/$out" "${2%%:*}" "${2##*:}" \

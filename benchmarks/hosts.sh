@@ -15,30 +15,22 @@
 #   bash benchmarks/hosts.sh share protonet-snell-omniglot protonet-omniglot-5w1s-snell/maml/seed0 \
 #       protonet-omniglot-20w1s-snell/maml/seed0
 set -u
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PY=$ROOT/.venv/bin/python
-L=$ROOT/runs/logs
-mkdir -p "$L"
-cd "$ROOT" || exit 2
-export METAGRAD_CACHE=${METAGRAD_CACHE:-$ROOT/runs/cache} OMP_NUM_THREADS=1
-DEADLINE=${DEADLINE:-9999999999}
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+export OMP_NUM_THREADS=1
 what=$1 study=$2; shift 2
 case $what in
   pilot)
     echo "$(date -u +%FT%TZ) pilot $1 to $2 ($(git rev-parse --short HEAD))" >> "$L/$study.log"
     "$PY" benchmarks/pilot.py "$study" "runs/$study" "$@" >> "$L/$study.log" 2>&1
-    echo "$(date -u +%FT%TZ) pilot $1 to $2: exit $?" >> "$L/$study.log" ;;
+    rc=$?; echo "$(date -u +%FT%TZ) pilot $1 to $2: exit $rc" >> "$L/$study.log" ;;
   cells)
     minutes=$1; shift
     for c in "$@"; do
-      if [ $(( $(date +%s) + 60 * minutes )) -gt "$DEADLINE" ]; then
-        echo "$(date -u +%FT%TZ) $c: ~$minutes min does not fit before the deadline, left for later" >> "$L/$study.log"
-        continue
-      fi
+      fits "$minutes" "$L/$study.log" "$c" || continue
       echo "$(date -u +%FT%TZ) $c: training ($(git rev-parse --short HEAD))" >> "$L/$study.log"
       "$ROOT/.venv/bin/metagrad" study "$study" --out "runs/$study" --keep "results/$study" --only "$c" \
           --no-report >> "$L/$study.log" 2>&1
-      echo "$(date -u +%FT%TZ) $c: exit $?" >> "$L/$study.log"
+      rc=$?; echo "$(date -u +%FT%TZ) $c: exit $rc" >> "$L/$study.log"
     done ;;
   share)   # a cell that trains exactly as another one (presets differing only in eval.*, e.g. Snell's 5-way and
            # 20-way tests of one 60-way training) starts from its checkpoint, curve and wall time, not from scratch
