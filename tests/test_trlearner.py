@@ -227,6 +227,42 @@ def test_anil_relates_no_tasks_and_the_warning_says_when_the_term_is_zero(own, p
     assert heads.abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("own, probe_size", [("query", 6), ("probe", 2), ("query", 2)])
+def test_anil_computes_the_shared_partner_features_once_with_the_same_value_and_gradients(own, probe_size):
+    """ANIL: P_ij is the same tensor for every partner j, so the term is computed from one probe forward (none when
+    P_ii is it). Against the general path (G−1 permuted forwards), float64: the same loss, the same gradients."""
+    results = []
+    for shared in (True, False):
+        plug = TRLearner(weight=1.0, probe_size=probe_size, own=own, group_size=3)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # the ANIL warning, checked above
+            learner = MAML(conv64(), inner_lr=0.4, adapt="head", plugins=[plug]).double()
+        assert plug._shared_features
+        plug._shared_features = shared          # False: the general path, one forward per partner offset
+        out = learner.meta_loss(image_batch(T=5))
+        params = [p for p in learner.parameters() if p.requires_grad]
+        results.append((out.loss, out.diagnostics["trlearner.loss"], torch.autograd.grad(out.loss, params)))
+    (loss, term, grads), (ref_loss, ref_term, ref_grads) = results
+    assert torch.allclose(loss, ref_loss, rtol=1e-12)
+    assert torch.allclose(term, ref_term, rtol=1e-9, atol=1e-24)
+    assert (term.abs() > 1e-6) == (own == "query" and probe_size == 2)   # the statistics gap only
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-9, atol=1e-14)
+
+
+def test_the_shared_path_is_taken_only_when_no_adapted_parameter_feeds_the_features():
+    for options, shared in (({"adapt": "head"}, True), ({}, False), ({"adapt": "no_norm"}, False)):
+        plug = TRLearner()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MAML(conv64(), inner_lr=0.4, plugins=[plug], **options)
+        assert plug._shared_features == shared, options
+    regression = TRLearner()
+    MAML(mlp64(), inner_lr=0.1, loss="mse", adapt="head", plugins=[regression])   # P = outputs: they adapt
+    assert not regression._shared_features
+
+
 @pytest.mark.parametrize("key", [k for k in methods.available() if k not in ("trlearner", "cml")])
 def test_composes_with_every_other_plugin(key):
     model, batch = conv64(), image_batch(T=4)

@@ -69,7 +69,9 @@ class TRLearner(Plugin):
       T more probe forwards, 0.2-0.3x of a plain MAML step on Omniglot, docs/methods.md). Without
       batch-dependent layers (the MLPs of regression) the two are the same numbers.
     * Extra cost per meta-batch: T support forwards at θ for m_i (plus a backward for regression) and T·(G−1)
-      probe forwards (T·G with ``own="probe"``).
+      probe forwards (T·G with ``own="probe"``). With no adapted parameter upstream of the features (ANIL on
+      classification) every partner's P_ij is the task's own probe features: they are computed once, with no
+      forward when P_ii is the probe set's (``own="probe"``, or probes = the whole query set) and T otherwise.
     * With two tasks per group each row of M̃ has one entry (always 1), so the heads get no gradient.
     * On ProtoNet (host ``"protonet"``) task j's adapted model is its prototype classifier. The embedding is
       shared by all tasks, so features of task i's probes under model j would equal its own (the term would
@@ -122,6 +124,7 @@ class TRLearner(Plugin):
         self.head_weights: nn.Parameter | None = None   # [K, d], built at attach (d depends on the model)
         self._head_names: tuple[str, ...] = ()
         self._classification = True
+        self._shared_features = False   # classification with no adapted parameter upstream of the features
 
     @property
     def task_group_size(self) -> int:
@@ -161,6 +164,7 @@ class TRLearner(Plugin):
                               "batch-statistics normalisation and fewer probes than queries only the gap between "
                               "the query-set and probe-set statistics) and its heads get a zero gradient; use "
                               "adapt='all' or 'no_norm' for it to act", stacklevel=3)
+            self._shared_features = not body
         else:
             self._head_names = tuple(f"{head}.{n}" if head else n for n, _ in lin.named_parameters())
             d = sum(p.numel() for p in lin.parameters())
@@ -224,6 +228,14 @@ class TRLearner(Plugin):
 
             def partner_outputs(sel: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
                 return _sorted_probs(distance_logits(emb[sel], protos[partner]))
+        elif self._shared_features:
+            # No adapted parameter is upstream of the features (ANIL): every partner's P_ij is task i's probe
+            # features at θ, the same tensor for each j, so Σ_j M̃_ij P_ij = (Σ_j M̃_ij) · P_i·. One forward of
+            # the probes (none when P_ii already is it) instead of G−1; the same value and gradients.
+            own = self._own_outputs(ctx, probe, rows, cls)
+            same = own if self._own_is_probe_forward(ctx, probe) else ctx.forward(ctx.fast_params, probe, True)[1]
+            loss = (own - rel.sum(dim=1).view(-1, 1, 1) * same).pow(2).flatten(1).mean(dim=1).mean()
+            return self._logged(ctx, rel, groups, loss)
         else:
             own = self._own_outputs(ctx, probe, rows, cls)
 
@@ -243,6 +255,9 @@ class TRLearner(Plugin):
             others = partner_outputs(sel, partner)
             mix = mix.index_add(0, sel, rel[sel, partner].view(-1, *[1] * (others.dim() - 1)) * others)
         loss = (own - mix).pow(2).flatten(1).mean(dim=1).mean()
+        return self._logged(ctx, rel, groups, loss)
+
+    def _logged(self, ctx: OuterContext, rel: torch.Tensor, groups: list[range], loss: torch.Tensor) -> torch.Tensor:
         first = groups[0]
         ctx.log("trlearner.relation", rel[first.start:first.stop, first.start:first.stop])
         ctx.log("trlearner.loss", loss)
@@ -254,6 +269,11 @@ class TRLearner(Plugin):
         if self.probes == "first" or n == n_query:
             return torch.arange(n, device=device)
         return torch.linspace(0, n_query - 1, n, device=device).round().long()
+
+    def _own_is_probe_forward(self, ctx: OuterContext, probe: torch.Tensor) -> bool:
+        """Whether P_ii is the model on the probe set alone (``own="probe"``, or probes = the whole query set),
+        i.e. computed exactly as its partners' P_ij are."""
+        return self.own == "probe" or probe.shape[1] == ctx.batch.query_x.shape[1]
 
     def _own_outputs(self, ctx: OuterContext, probe: torch.Tensor, rows: torch.Tensor, cls: bool) -> torch.Tensor:
         """P_ii: the probe rows of the core's query forward (``own="query"``, or whenever the probes are the
