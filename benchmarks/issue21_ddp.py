@@ -21,7 +21,6 @@ import torch
 
 
 def main() -> None:
-    from metagrad import checkpoint as ckpt
     from metagrad import study as S
     from metagrad.train import train
 
@@ -35,7 +34,9 @@ def main() -> None:
     if S._done(cfg, run_dir):
         print(f"{method}:{seed}: already trained to {cfg.train.iterations}", flush=True)
         return
-    train(cfg, run_dir, resume=ckpt.path_of(run_dir).is_file(), progress=False)
+    # Resume whenever the directory exists: from its checkpoint, or, for a run stopped before its first
+    # checkpoint, from iteration 0 (train's own rule), not refused as "already holds a run".
+    train(cfg, run_dir, resume=run_dir.is_dir(), progress=False)
 
 
 if __name__ == "__main__":
