@@ -261,6 +261,12 @@ def test_the_shared_path_is_taken_only_when_no_adapted_parameter_feeds_the_featu
     regression = TRLearner()
     MAML(mlp64(), inner_lr=0.1, loss="mse", adapt="head", plugins=[regression])   # P = outputs: they adapt
     assert not regression._shared_features
+    anil = TRLearner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MAML(conv64(), inner_lr=0.4, adapt="head", plugins=[anil])
+    anil.attach(MAML(mlp64(), inner_lr=0.1, loss="mse", adapt="head").view())   # re-attached: nothing stale
+    assert not anil._shared_features
 
 
 @pytest.mark.parametrize("key", [k for k in methods.available() if k not in ("trlearner", "cml")])

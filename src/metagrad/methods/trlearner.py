@@ -132,6 +132,7 @@ class TRLearner(Plugin):
         return self.group_size
 
     def attach(self, view: LearnerView) -> None:
+        self._shared_features = False   # set below for classification on MAML; never kept from an earlier attach
         if view.host == "protonet":
             if view.feature_dim is None:
                 raise ValueError("TRLearner on ProtoNet sizes its heads by the embedding: pass "
