@@ -20,7 +20,8 @@ from metagrad import MAML, TaskBatch, meta_backward
 from metagrad import chunks as chunks_module
 from metagrad import functional as fn
 from metagrad.batched import conv4 as conv4_module
-from metagrad.models import MLP, Conv4
+from metagrad.batched import tnet as tnet_module
+from metagrad.models import MLP, Conv4, TNet
 
 REL = 1e-10
 
@@ -236,6 +237,103 @@ def test_conv4_grouped_forward_batched_steps_aside_for_hooks_and_checks_shapes()
     assert_rel([hooked], [grouped])
     with pytest.raises(ValueError, match=r"expected \[T, n, 1, H, W\]"):
         fn.forward_batched(model, params, x[:, :, 0])
+
+
+# -- T-Net's folded forward ---------------------------------------------------------------------------------------
+def tnet_reference(params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T-Net on Conv4 (max-pooling) from its definition: each conv's and the head's output mixed over its
+    channels by that layer's transform T (``out[:, i] = Σ_j T_ij out[:, j]``), then the block goes on as Conv4's."""
+    def mix(t, y):
+        return torch.einsum("ij,nj...->ni...", t, y)
+
+    for i in range(4):
+        p = f"model.blocks.{i}."
+        x = mix(params[f"transforms.blocks_{i}_conv.weight"],
+                F.conv2d(x, params[p + "conv.weight"], params.get(p + "conv.bias"), padding=1))
+        x = F.batch_norm(x, None, None, params[p + "bn.weight"], params[p + "bn.bias"], training=True, eps=1e-5)
+        x = F.max_pool2d(torch.relu(x), 2)
+    feats = x.flatten(1)
+    out = mix(params["transforms.head.weight"], F.linear(feats, params["model.head.weight"], params["model.head.bias"]))
+    return out, feats
+
+
+def randomised_tnet(bias: bool = False, seed: int = 0) -> TNet:
+    """A float64 T-Net on Conv4 with its transforms off the identity (so folding them in is exercised)."""
+    net = TNet(randomised(Conv4(1, ways=3, width=5, bias=bias), seed)).double()
+    with torch.no_grad():
+        for t in net.transforms.values():
+            t.weight.add_(0.3 * torch.randn_like(t.weight))
+    return net
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_tnet_folded_forward_batched_matches_definition(bias):
+    """T-Net's registered forward (transforms folded into the weights, Conv4's grouped kernel) against the
+    definition per task: outputs, features, a tap, and first and second derivatives w.r.t. every parameter,
+    the transforms included."""
+    net = randomised_tnet(bias)
+    T = 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(T, 4, 1, 28, 28, generator=g, dtype=torch.float64)
+    params = {n: (p + 0.05 * torch.randn(T, *p.shape, generator=g, dtype=p.dtype)).requires_grad_()
+              for n, p in fn.meta_params(net).items()}
+    assert tnet_module.foldable(net)
+    out, feats = fn.forward_batched(net, params, x, return_features=True)
+    ref = [tnet_reference(fn.task_slice(params, t), x[t]) for t in range(T)]
+    assert_rel([out, feats], [torch.stack([o for o, _ in ref]), torch.stack([f for _, f in ref])])
+    w = torch.arange(1, T + 1, dtype=torch.float64).view(T, 1, 1)
+    assert_same_derivatives(out, torch.stack([o for o, _ in ref]), list(params.values()), w)
+    _, fmap = fn.forward_batched(net, params, x, tap="model.blocks.3.pool")
+    _, want = fn.forward_per_task(net, params, x, tap="model.blocks.3.pool")     # the module's hooked forward
+    assert_rel([fmap], [want])
+    one = fn.forward_single(net, fn.task_slice(params, 1), x[1])
+    assert_rel([one], [ref[1][0]])
+
+
+def test_tnet_meta_gradient_matches_reference_loop():
+    """MAML on T-Net (second order, two inner steps, the transforms never adapted) through the folded forward
+    against the per-task unrolled loop on the definition."""
+    net = randomised_tnet()
+    batch = images(T=3)
+    learner = MAML(net, inner_lr=0.4, inner_steps=2)
+    out, grads = meta_grads(learner, batch)
+    theta = dict(net.named_parameters())
+    adapt = [n for n in theta if not n.startswith("transforms.")]
+    ref_loss, ref = reference(lambda p, x: tnet_reference(p, x)[0], theta, batch, 0.4, 2, False, F.cross_entropy,
+                              adapt)
+    assert torch.allclose(out.loss, ref_loss, rtol=REL)
+    assert_rel(grads, ref)
+
+
+def test_tnet_runs_per_task_where_folding_does_not_hold():
+    """A hook on the T-Net, a wrapped model with no registered batched forward (MLP), or a grouped convolution:
+    the module's own forward runs per task (its hooks fire), with the same outputs."""
+    net = randomised_tnet()
+    x = torch.rand(2, 3, 1, 28, 28, dtype=torch.float64)
+    params = {n: p.unsqueeze(0).expand(2, *p.shape) for n, p in fn.meta_params(net).items()}
+    folded = fn.forward_batched(net, params, x)
+    calls = []
+    handle = net.model.blocks[1].bn.register_forward_hook(lambda *a: calls.append(1))
+    hooked = fn.forward_batched(net, params, x)
+    handle.remove()
+    assert calls == [1, 1]
+    assert_rel([hooked], [folded])
+    assert not tnet_module.foldable(TNet(MLP(3, (4,), 2)))
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    fn.register_batched(Grouped)(lambda model, params, x, return_features=False:
+                                 fn.forward_per_task(model, params, x, return_features))
+    try:
+        assert not tnet_module.foldable(TNet(Grouped()))
+    finally:
+        fn._BATCHED.pop(Grouped)
 
 
 # -- meta_backward's chunks against the whole batch's graph ---------------------------------------------------------

@@ -62,6 +62,15 @@ def batched_forward_of(model: nn.Module) -> Callable[..., Any] | None:
     return _BATCHED.get(type(model))
 
 
+def hooked(model: nn.Module) -> bool:
+    """Whether a forward hook watches the model or one of its modules. A registered batched forward then runs the
+    module's own forward per task instead (:func:`forward_per_task`), so the hooks fire."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+
+
 def meta_params(model: nn.Module) -> Params:
     """The model's parameters θ by name, in ``named_parameters()`` (input → output) order."""
     return dict(model.named_parameters())

@@ -5,6 +5,6 @@ must equal that model's per-task forward (tests/test_batched.py). Importing this
 (``metagrad`` imports it); the dependency runs from here to ``models`` and ``functional``, never back.
 """
 
-from . import conv4
+from . import conv4, tnet
 
-__all__ = ["conv4"]
+__all__ = ["conv4", "tnet"]

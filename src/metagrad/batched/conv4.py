@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import check_task_dims, forward_per_task, register_batched
+from ..functional import check_task_dims, forward_per_task, hooked, register_batched
 from ..models.conv4 import Conv4, out_size
 
 # How many images (tasks × images per task) one grouped computation takes at most.
@@ -24,15 +24,6 @@ GROUP_IMAGES = 64
 # Largest in_channels·3·3 for which the first block is computed as one product on unfolded patches
 # (Omniglot: 9, RGB: 27); wider inputs use the convolution kernel.
 _FUSE_MAX_K = 32
-
-
-def _hooked(model: nn.Module) -> bool:
-    """Whether a forward hook watches the model or one of its modules (then the module's own forward runs, so
-    the hooks fire)."""
-    from torch.nn.modules import module as m
-
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
 
 
 def conv4_taps(model: Conv4) -> set[str]:
@@ -67,7 +58,7 @@ def conv4_forward_batched(model: Conv4, params: Mapping[str, torch.Tensor], x: t
     if tap is not None and tap not in conv4_taps(model):
         raise ValueError(f"conv4_forward_batched: unknown tap {tap!r} (known: {sorted(conv4_taps(model))}); "
                          "use functional.forward_batched, which runs any other tap generically")
-    if _hooked(model):
+    if hooked(model):
         return forward_per_task(model, params, x, return_features, tap)
     if x.dim() != 5 or x.shape[2] != blocks[0].conv.in_channels:
         raise ValueError(f"Conv4.forward_batched: x of shape {list(x.shape)} does not fit: expected "
