@@ -305,7 +305,7 @@ def test_tnet_meta_gradient_matches_reference_loop():
     assert_rel(grads, ref)
 
 
-def test_tnet_runs_per_task_where_folding_does_not_hold():
+def test_tnet_runs_per_task_where_folding_does_not_hold(monkeypatch):
     """A hook on the T-Net, a wrapped model with no registered batched forward (MLP), or a grouped convolution:
     the module's own forward runs per task (its hooks fire), with the same outputs."""
     net = randomised_tnet()
@@ -328,12 +328,10 @@ def test_tnet_runs_per_task_where_folding_does_not_hold():
         def forward(self, x):
             return self.conv(x)
 
-    fn.register_batched(Grouped)(lambda model, params, x, return_features=False:
-                                 fn.forward_per_task(model, params, x, return_features))
-    try:
-        assert not tnet_module.foldable(TNet(Grouped()))
-    finally:
-        fn._BATCHED.pop(Grouped)
+    monkeypatch.setitem(fn._BATCHED, Grouped, lambda model, params, x, return_features=False:
+                        fn.forward_per_task(model, params, x, return_features))
+    assert fn.batched_forward_of(Grouped()) is not None
+    assert not tnet_module.foldable(TNet(Grouped()))
 
 
 # -- meta_backward's chunks against the whole batch's graph ---------------------------------------------------------

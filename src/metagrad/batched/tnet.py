@@ -36,7 +36,7 @@ def fold(model: TNet, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     (``[T, *shape]`` in, ``[T, *shape]`` out, named as in the wrapped model)."""
     out = {n[len("model."):]: p for n, p in params.items() if n.startswith("model.")}
     for name in model.layer_names():
-        t = params[f"transforms.{name.replace('.', '_')}.weight"]                     # [T, O, O]
+        t = params[f"transforms.{model.transform_key(name)}.weight"]                 # [T, O, O]
         w = out[f"{name}.weight"]                                                      # [T, O, ...]
         out[f"{name}.weight"] = (t @ w.flatten(2)).view_as(w)
         if f"{name}.bias" in out:

@@ -62,11 +62,16 @@ class TNet(nn.Module):
 
     def layers(self) -> dict[str, nn.Module]:
         """The transformed layers of the model, by transform key (the module name, dots as underscores)."""
-        return {name.replace(".", "_"): m for name, m in self.layer_names().items()}
+        return {self.transform_key(name): m for name, m in self.layer_names().items()}
 
     def layer_names(self) -> dict[str, nn.Module]:
         """The transformed layers of the model, by module name within the model (``blocks.0.conv``)."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+    @staticmethod
+    def transform_key(name: str) -> str:
+        """The key of the transform after the layer ``name`` (``blocks.0.conv`` → ``blocks_0_conv``)."""
+        return name.replace(".", "_")
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         hooks = [m.register_forward_hook(lambda mod, args, out, k=key: self.transforms[k](out))
