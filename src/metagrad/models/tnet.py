@@ -41,6 +41,8 @@ class TNet(nn.Module):
             the features are the head's input, after the transforms before it).
 
     Example:
+        >>> from metagrad import MAML
+        >>> from metagrad.models import Conv4, TNet
         >>> learner = MAML(TNet(Conv4(1, ways=5)), inner_lr=0.4)
         >>> [n for n in learner.model.state_dict() if n.startswith("transforms.")][:1]
         ['transforms.blocks_0_conv.weight']
